@@ -1,0 +1,26 @@
+"""Simulate a cohort in Tsinghua App Usage format (the embedded default data).
+
+    python recipes/cohort.py --config recipes/configs/cohort.yaml [--n_users 1000 --seed 3 ...]
+"""
+
+from dataclasses import dataclass
+
+from trl import TrlParser
+
+from scope.simulate import CohortConfig, simulate_cohort
+
+
+@dataclass
+class CohortArguments(CohortConfig):
+    out_dir: str = "runs/default/cohort"
+
+
+def main(args: CohortArguments) -> dict:
+    summary = simulate_cohort(args, args.out_dir)
+    print(f"wrote {summary['events']:,} events of {summary['users']:,} users to {args.out_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    (arguments,) = TrlParser((CohortArguments,)).parse_args_and_config()
+    main(arguments)
