@@ -1,0 +1,171 @@
+"""Algorithm 1: joint training of the U-MASK generator, the entity MLP and the DiT.
+
+Each step draws a batch of entities and one task per entity, builds the task regions, lets
+U-MASK choose the evidence, and minimises (Eq. 20)
+
+    L = L_rec + lambda_con * InfoNCE(F_short, F_long)
+
+with L_rec the X_0 error on target entries (Eq. 19). An EMA copy of the weights is kept for
+evaluation. All randomness after initialisation comes from one generator on the training device. Checkpoints (model, EMA, optimiser, RNG state, step) are single safetensors files
+written atomically; `train` resumes from the checkpoint in `out_dir` when there is one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from completion.data import Batch
+from completion.model import CompletionModel, ModelConfig, build_model
+from completion.tasks import TASKS, TaskConfig, make_regions, task_index
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    lambda_con: float = 0.1
+    con_temperature: float = 0.1
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    seed: int = 0
+    tasks: tuple[str, ...] = TASKS
+    device: str = "cpu"
+
+
+def info_nce(anchor: Tensor, positive: Tensor, temperature: float) -> Tensor:
+    """InfoNCE over the batch: row b of `positive` is the positive for row b of `anchor`."""
+    logits = F.normalize(anchor, dim=-1) @ F.normalize(positive, dim=-1).T / temperature
+    return F.cross_entropy(logits, torch.arange(len(anchor), device=anchor.device))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def train_step(model: CompletionModel, batch: Batch, task: Tensor, task_config: TaskConfig,
+               config: TrainConfig, generator: torch.Generator) -> dict[str, Tensor]:
+    """One evaluation of Algorithm 1's objective (no optimiser update)."""
+    regions = make_regions(task, batch.observed, batch.x.shape[1], task_config, generator)
+    L_rec, mask = model.loss(batch, task, regions, generator=generator)
+    L_con = info_nce(mask.F_short, mask.F_long, config.con_temperature)
+    return {"loss": L_rec + config.lambda_con * L_con, "L_rec": L_rec, "L_con": L_con,
+            "rho": mask.rho.mean()}
+
+
+def train(model_config: ModelConfig, data: Batch, task_config: TaskConfig, config: TrainConfig,
+          out_dir: str | Path | None = None, progress: bool = True
+          ) -> tuple[CompletionModel, CompletionModel, list[dict[str, float]]]:
+    """Train from scratch or resume from `out_dir`; returns (model, EMA model, per-step logs)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        model = build_model(model_config).to(config.device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator(config.device).manual_seed(config.seed)
+    start = 0
+    path = Path(out_dir) / CHECKPOINT if out_dir is not None else None
+    if path is not None and path.exists():
+        start = load_checkpoint(path, model, ema, optimizer, generator)
+    tasks = torch.tensor([task_index(name) for name in config.tasks], device=config.device)
+    logs = []
+    model.train()
+    for step in tqdm(range(start, config.steps), initial=start, total=config.steps,
+                     disable=not progress, desc="train"):
+        rows = torch.randint(len(data), (config.batch_size,), generator=generator, device=config.device)
+        task = tasks[torch.randint(len(tasks), (config.batch_size,), generator=generator,
+                                   device=config.device)]
+        batch = data[rows.to(data.x.device)].to(config.device)
+        out = train_step(model, batch, task, task_config, config, generator)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        update_ema(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))  # EMA warm-up
+        logs.append({k: v.item() for k, v in out.items()})
+        done = step + 1
+        if path is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+            save_checkpoint(path, model, ema, optimizer, generator, done, model_config)
+    return model, ema.eval(), logs
+
+
+#################################################################################
+#                         Checkpoints (safetensors)                             #
+#################################################################################
+
+def save_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module,
+                    optimizer: torch.optim.Optimizer, generator: torch.Generator, step: int,
+                    model_config: ModelConfig) -> None:
+    """Write model, EMA, optimiser and RNG state to one safetensors file, atomically."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    state = optimizer.state_dict()
+    for i, s in state["state"].items():
+        tensors |= {f"optim.{i}.{k}": torch.as_tensor(v) for k, v in s.items()}
+    tensors["rng"] = generator.get_state()
+    metadata = {"step": str(step), "param_groups": json.dumps(state["param_groups"]),
+                "model_config": json.dumps(asdict(model_config))}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    generator: torch.Generator | None = None) -> int:
+    """Restore what is given from a checkpoint; returns the step it was saved at."""
+    tensors, metadata = _read(path)
+    model.load_state_dict(_section(tensors, "model."))
+    if ema is not None:
+        ema.load_state_dict(_section(tensors, "ema."))
+    if optimizer is not None:
+        per_param: dict[int, dict[str, Tensor]] = {}
+        for k, v in _section(tensors, "optim.").items():
+            i, name = k.split(".", 1)
+            per_param.setdefault(int(i), {})[name] = v
+        optimizer.load_state_dict({"state": per_param,
+                                   "param_groups": json.loads(metadata["param_groups"])})
+    if generator is not None:
+        generator.set_state(tensors["rng"])
+    return int(metadata["step"])
+
+
+def load_model(path: str | Path, use_ema: bool = True) -> CompletionModel:
+    """Rebuild a trained model (EMA weights by default) from a checkpoint, in eval mode."""
+    tensors, metadata = _read(path)
+    config = json.loads(metadata["model_config"])
+    config["patch_size"] = tuple(config["patch_size"])
+    model = build_model(ModelConfig(**config))
+    model.load_state_dict(_section(tensors, "ema." if use_ema else "model."))
+    return model.eval()
+
+
+def _read(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    return load_file(str(path)), metadata
+
+
+def _section(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
