@@ -308,6 +308,7 @@ def tensorize_cohort(blocks: Iterable[pd.DataFrame], out_dir: str | Path, *, cat
             name = f"shard-{len(shards):05d}.safetensors"
             with atomic_path(out_dir / name) as tmp:
                 save_file(items, str(tmp))
+            fields = {key: {"dtype": str(v.dtype), "shape": ["N", *v.shape[1:]]} for key, v in items.items()}
             shards.append({"file": name, "items": int(len(items["user_id"])), "users": int(len(users))})
             totals["items"] += len(items["user_id"])
             totals["users"] += len(users)
@@ -322,6 +323,7 @@ def tensorize_cohort(blocks: Iterable[pd.DataFrame], out_dir: str | Path, *, cat
         "config": asdict(cfg),
         "shape": {"C": C, "T": cfg.window_slots, "H": cfg.height, "W": cfg.width},
         "channels": channel_names(categories),
+        "fields": fields,
         "layout": "grid" if grid else "topk",
         "grid": asdict(grid.grid) if grid else None,
         "normalizer": normalizer.finalize().to_dict(),
