@@ -149,9 +149,10 @@ class DiT(nn.Module):
     def __init__(self, channels: int, entity_dim: int, num_tasks: int = 3,
                  patch_size: tuple[int, int, int] = (4, 2, 2), hidden_size: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
-                 slots_per_day: int = 96):
+                 slots_per_day: int = 96, entity_conditioning: bool = True):
         super().__init__()
         self.channels = channels
+        self.entity_conditioning = entity_conditioning  # False: the "DiT without entity conditioning" control
         self.patch_size = tuple(patch_size)
         self.x_embedder = nn.Conv3d(3 * channels, hidden_size, self.patch_size, stride=self.patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -215,7 +216,9 @@ class DiT(nn.Module):
         if timestamps is not None:
             cal = self.calendar_embedder(timestamps, self.patch_size[0], grid[0])  # [B, nt, D]
             x = x + cal[:, :, None, None].expand(-1, -1, grid[1], grid[2], -1).flatten(1, 3)
-        c = self.t_embedder(t) + self.entity_embedder(entity) + self.task_embedder(task)
+        c = self.t_embedder(t) + self.task_embedder(task)
+        if self.entity_conditioning:
+            c = c + self.entity_embedder(entity)
         for block in self.blocks:
             x = block(x, c)
         return self.unpatchify(self.final_layer(x, c), grid, size)

@@ -292,3 +292,45 @@ def soft_top_k(g: Tensor, K: Tensor, valid: Tensor, temperature: float) -> Tenso
     slope = (s0 * (1 - s0)).sum(1).clamp(min=1e-6) / t
     theta = theta0 + (s0.sum(1) - K) / slope
     return torch.sigmoid((g_valid - theta[:, None]) / t) * valid
+
+
+#################################################################################
+#           Conventional fixed masks (the paper's Table 9 control)              #
+#################################################################################
+
+FIXED_MASKS = ("random", "tube", "temporal")
+
+
+def fixed_mask(kind: str, available: Tensor, ratio: float,
+               generator: torch.Generator | None = None) -> Tensor:
+    """A conventional evidence mask with U-MASK's budget k_b = floor(ratio * N_b) -> float [B, T, H, W].
+
+    random: k_b coordinates drawn uniformly from the available region;
+    tube: whole spatial cells (h, w) revealed over all their available slots, cells in random
+          order, the last cell cut at the budget;
+    temporal: whole slots t revealed at all their available cells, slots in random order.
+    Only available coordinates are ranked, so targets are never revealed.
+    """
+    if kind not in FIXED_MASKS:
+        raise ValueError(f"unknown fixed mask {kind!r}; expected one of {FIXED_MASKS}")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1], got {ratio}")
+    B, T, H, W = available.shape
+    device = available.device
+    within = torch.rand((B, T, H, W), generator=generator, device=device)  # in [0, 1)
+    if kind == "tube":  # integer key per cell, slot order within it
+        group = _rank(torch.rand((B, 1, H * W), generator=generator, device=device)).reshape(B, 1, H, W)
+        within = torch.arange(T, device=device)[None, :, None, None] / T
+    elif kind == "temporal":  # integer key per slot, random cell order within it
+        group = _rank(torch.rand((B, T), generator=generator, device=device))[:, :, None, None]
+    else:
+        group = torch.zeros((B, 1, 1, 1), device=device)
+    u = group + within
+    keys = u.expand(B, T, H, W).masked_fill(~available, torch.inf).flatten(1)
+    k = torch.floor(ratio * available.flatten(1).sum(1)).long()
+    return (_rank(keys) < k[:, None]).reshape(B, T, H, W).float()
+
+
+def _rank(keys: Tensor) -> Tensor:
+    """Rank of every key along the last axis (0 = smallest), as float."""
+    return keys.argsort(-1).argsort(-1).to(torch.float32)

@@ -98,3 +98,45 @@ def ranking_metrics(scores: Tensor, relevant: Tensor, ks: tuple[int, ...] = (1, 
         out[f"ndcg@{k}"] = (dcg / idcg).mean().item()
         out[f"mrr@{k}"] = torch.where(first_hit < k, 1.0 / (first_hit + 1), 0.0).mean().item()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Classification (intent prediction, PITuning appendix D)
+# --------------------------------------------------------------------------------------------
+
+def precision_recall(labels: Tensor, predictions: Tensor) -> dict[str, float]:
+    """Weighted and macro precision / recall of single-label predictions, as scikit-learn computes them.
+
+    Classes are those present in `labels` or `predictions` (scikit-learn's default); a class never
+    predicted has precision 0; weighted averages weight each class by its support in `labels`.
+    """
+    classes, inverse = torch.unique(torch.cat([labels, predictions]), return_inverse=True)
+    y, p = inverse[: len(labels)], inverse[len(labels):]
+    n = len(classes)
+    tp = torch.bincount(y[y == p], minlength=n).double()
+    support = torch.bincount(y, minlength=n).double()
+    predicted = torch.bincount(p, minlength=n).double()
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), 0.0)
+    recall = torch.where(support > 0, tp / support.clamp(min=1), 0.0)
+    weights = support / support.sum()
+    return {"prec_w": (precision * weights).sum().item(), "rec_w": (recall * weights).sum().item(),
+            "prec_m": precision.mean().item(), "rec_m": recall.mean().item()}
+
+
+def recall_per_class(labels: Tensor, predictions: Tensor, n_classes: int) -> Tensor:
+    """Recall of each class 0..n_classes-1 (NaN where the class has no true sample)."""
+    tp = torch.bincount(labels[labels == predictions], minlength=n_classes).double()
+    support = torch.bincount(labels, minlength=n_classes).double()
+    return tp / support
+
+
+def intent_metrics(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (3, 5)) -> dict[str, float]:
+    """prec_w, rec_w, prec_m, rec_m of the top-1 intent and NDCG@k of the ranking (one relevant intent).
+
+    scores: [N, N_I] (higher ranks first); labels: [N] intent ids.
+    """
+    out = precision_recall(labels, scores.argmax(1))
+    relevant = torch.zeros_like(scores, dtype=torch.bool)
+    relevant[torch.arange(len(labels)), labels] = True
+    ranking = ranking_metrics(scores.double(), relevant, ks)
+    return out | {f"ndcg{k}": ranking[f"ndcg@{k}"] for k in ks}

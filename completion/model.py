@@ -107,11 +107,13 @@ class ModelConfig:
     slots_per_day: int = 96
     diffusion_steps: int = 1000
     center: bool = True
+    entity_conditioning: bool = True  # False: c = e_t + e_tau only (the no-entity control)
     umask: dict = field(default_factory=dict)  # extra UMask keyword arguments (d, groups, ...)
 
 
 def build_model(config: ModelConfig) -> CompletionModel:
     umask = UMask(config.channels, config.T, config.cell_dim, **config.umask)
     dit = dit_from_preset(config.preset, config.channels, config.entity_dim,
-                          patch_size=tuple(config.patch_size), slots_per_day=config.slots_per_day)
+                          patch_size=tuple(config.patch_size), slots_per_day=config.slots_per_day,
+                          entity_conditioning=config.entity_conditioning)
     return CompletionModel(umask, dit, VPSchedule(config.diffusion_steps), center=config.center)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from completion.data import Batch
+from completion.masks import FIXED_MASKS, fixed_mask
 from completion.model import CompletionModel, ModelConfig, build_model
 from completion.tasks import TASKS, TaskConfig, make_regions, task_index
 
@@ -46,6 +48,16 @@ class TrainConfig:
     seed: int = 0
     tasks: tuple[str, ...] = TASKS
     device: str = "cpu"
+    mask: str = "umask"  # or a conventional fixed mask (random, tube, temporal): the Table 9 control
+    mask_ratio: float = 0.81  # budget of a fixed mask, k_b = floor(mask_ratio * N_b)
+    mask_lr_scale: float = 1.0  # learning rate of U-MASK's parameters relative to `lr`
+
+    def __post_init__(self):
+        if self.mask not in ("umask", *FIXED_MASKS):
+            raise ValueError(f"unknown mask {self.mask!r}; expected 'umask' or one of {FIXED_MASKS}")
+        unknown = set(self.tasks) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown tasks {sorted(unknown)}; expected a subset of {TASKS}")
 
 
 def info_nce(anchor: Tensor, positive: Tensor, temperature: float) -> Tensor:
@@ -64,8 +76,16 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def train_step(model: CompletionModel, batch: Batch, task: Tensor, task_config: TaskConfig,
                config: TrainConfig, generator: torch.Generator) -> dict[str, Tensor]:
-    """One evaluation of Algorithm 1's objective (no optimiser update)."""
+    """One evaluation of Algorithm 1's objective (no optimiser update).
+
+    With a fixed mask (`config.mask` random / tube / temporal) there is no U-MASK output, so the
+    objective is L_rec alone.
+    """
     regions = make_regions(task, batch.observed, batch.x.shape[1], task_config, generator)
+    if config.mask != "umask":
+        M = fixed_mask(config.mask, regions.available, config.mask_ratio, generator)
+        L_rec, _ = model.loss(batch, task, regions, M=M, generator=generator)
+        return {"loss": L_rec, "L_rec": L_rec, "rho": torch.tensor(config.mask_ratio)}
     L_rec, mask = model.loss(batch, task, regions, generator=generator)
     L_con = info_nce(mask.F_short, mask.F_long, config.con_temperature)
     return {"loss": L_rec + config.lambda_con * L_con, "L_rec": L_rec, "L_con": L_con,
@@ -73,14 +93,21 @@ def train_step(model: CompletionModel, batch: Batch, task: Tensor, task_config: 
 
 
 def train(model_config: ModelConfig, data: Batch, task_config: TaskConfig, config: TrainConfig,
-          out_dir: str | Path | None = None, progress: bool = True
+          out_dir: str | Path | None = None, progress: bool = True,
+          on_step: Callable[[int, dict[str, float]], None] | None = None,
           ) -> tuple[CompletionModel, CompletionModel, list[dict[str, float]]]:
-    """Train from scratch or resume from `out_dir`; returns (model, EMA model, per-step logs)."""
+    """Train from scratch or resume from `out_dir`; returns (model, EMA model, per-step logs).
+
+    `on_step(step, log)` is called after every optimiser step (e.g. to write TensorBoard scalars).
+    """
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         model = build_model(model_config).to(config.device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    others = [p for name, p in model.named_parameters() if not name.startswith("umask.")]
+    optimizer = torch.optim.AdamW([{"params": others},
+                                   {"params": model.umask.parameters(), "lr": config.lr * config.mask_lr_scale}],
+                                  lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator(config.device).manual_seed(config.seed)
     start = 0
     path = Path(out_dir) / CHECKPOINT if out_dir is not None else None
@@ -103,6 +130,8 @@ def train(model_config: ModelConfig, data: Batch, task_config: TaskConfig, confi
         update_ema(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))  # EMA warm-up
         logs.append({k: v.item() for k, v in out.items()})
         done = step + 1
+        if on_step is not None:
+            on_step(done, logs[-1])
         if path is not None and (done % config.checkpoint_every == 0 or done == config.steps):
             save_checkpoint(path, model, ema, optimizer, generator, done, model_config)
     return model, ema.eval(), logs

@@ -36,3 +36,20 @@ def batch() -> Batch:
 def nj_path() -> Path:
     """The real NJ file: skipped when absent, a failure when CI is set."""
     return shared_data("uomo-nj/nj_traffic_users_64.npz")
+
+
+@pytest.fixture(scope="session")
+def user_tensors(small_cohort, tmp_path_factory) -> Path:
+    """The small simulated cohort tensorized (T = 192, 3 x 4 top-K cells, 6 location clusters)."""
+    from completion.tensors import TensorConfig, tensorize_cohort
+    from scope.locations import cluster_locations
+    from scope.splits import UserSplitter
+    from scope.tsinghua import load_cohort
+
+    cohort = load_cohort(small_cohort)
+    clusters = cluster_locations(cohort.base_poi, k=6, seed=0)
+    out = tmp_path_factory.mktemp("user_tensors")
+    tensorize_cohort([cohort.events], out, categories=cohort.categories, location_cluster=clusters.labels,
+                     assign_split=UserSplitter(cold_start_max_events=50), cfg=TensorConfig(height=3, width=4),
+                     progress=False, meta={"location_clusters": clusters.to_dict()})
+    return out

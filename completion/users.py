@@ -1,0 +1,98 @@
+"""Per-user behaviour tensors (`completion.tensors.BehaviourTensors`) -> `Batch`.
+
+- x: the tensors normalised by the cohort's own train-fitted `Log1pStandardizer`;
+  observed: the `available` mask (days with records x real cells).
+- cells: one-hot of each cell's location cluster, [H, W, n_clusters]; padding cells
+  (cluster -1) are all zeros. This is the source of E_pos.
+- entity: the user's h_u, a row of an embedding matrix keyed by user id (`load_embeddings`: an
+  `.npz` or `.safetensors` file with `user_id` [N] and `embedding` [N, d], as recipes/embed.py
+  writes). Without a matrix, the documented default is the user's cell-cluster histogram (the
+  share of the user's H x W cells in each cluster), static side information that never sees the
+  behaviour values. Users missing from a given matrix get zeros, and are counted.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+
+from completion.data import Batch
+from completion.tensors import BehaviourTensors
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    user_id: np.ndarray  # int64 [N]
+    embedding: np.ndarray  # float32 [N, d]
+
+    def lookup(self, users: np.ndarray) -> tuple[np.ndarray, int]:
+        """Rows for `users` (zeros for unknown ids) and the number of unknown ids."""
+        index = {int(u): i for i, u in enumerate(self.user_id)}
+        rows = np.array([index.get(int(u), -1) for u in users])
+        out = np.zeros((len(users), self.embedding.shape[1]), np.float32)
+        out[rows >= 0] = self.embedding[rows[rows >= 0]]
+        return out, int((rows < 0).sum())
+
+
+def load_embeddings(path: str | Path) -> Embeddings:
+    """Read `user_id` [N] and `embedding` [N, d] from an .npz or .safetensors file."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    elif path.suffix == ".safetensors":
+        arrays = load_file(str(path))
+    else:
+        raise ValueError(f"{path}: embeddings must be an .npz or .safetensors file")
+    missing = {"user_id", "embedding"} - set(arrays)
+    if missing:
+        raise ValueError(f"{path}: missing arrays {sorted(missing)}; expected 'user_id' [N] and 'embedding' [N, d]")
+    user_id, embedding = arrays["user_id"].astype(np.int64), arrays["embedding"].astype(np.float32)
+    if embedding.ndim != 2 or len(embedding) != len(user_id):
+        raise ValueError(f"{path}: embedding must be [N, d] with N = len(user_id) = {len(user_id)}, "
+                         f"got {embedding.shape}")
+    return Embeddings(user_id, embedding)
+
+
+def cluster_count(tensors: BehaviourTensors) -> int:
+    """Number of location clusters: from dataset.json's metadata, else the largest label + 1."""
+    names = tensors.meta.get("meta", {}).get("location_clusters", {}).get("names")
+    if names:
+        return len(names)
+    return int(tensors.arrays()["cell_cluster"].max()) + 1
+
+
+def cluster_one_hot(cell_cluster: np.ndarray, n_clusters: int) -> np.ndarray:
+    """[N, H, W] int labels (-1 = none) -> [N, H, W, n_clusters] one-hot, zeros for -1."""
+    if cell_cluster.max(initial=-1) >= n_clusters:
+        raise ValueError(f"cluster label {cell_cluster.max()} >= n_clusters {n_clusters}")
+    eye = np.vstack([np.eye(n_clusters, dtype=np.float32), np.zeros((1, n_clusters), np.float32)])
+    return eye[np.where(cell_cluster < 0, n_clusters, cell_cluster)]
+
+
+def user_batch(tensors: BehaviourTensors, embeddings: Embeddings | None = None,
+               n_clusters: int | None = None) -> tuple[Batch, np.ndarray]:
+    """Every selected (user, window) item as one normalised Batch, and the items' user ids."""
+    arrays = tensors.arrays()
+    n_clusters = cluster_count(tensors) if n_clusters is None else n_clusters
+    cells = cluster_one_hot(arrays["cell_cluster"], n_clusters)
+    if embeddings is None:
+        entity = cells.mean((1, 2))
+    else:
+        entity, unknown = embeddings.lookup(arrays["user_id"])
+        if unknown:
+            warnings.warn(f"{unknown} of {len(entity)} items belong to users without an embedding; "
+                          "their entity vector is zero", stacklevel=2)
+    batch = Batch(
+        x=torch.from_numpy(tensors.normalizer.transform(arrays["x"].astype(np.float32))),
+        observed=torch.from_numpy(arrays["available"].astype(bool)),
+        entity=torch.from_numpy(np.ascontiguousarray(entity, dtype=np.float32)),
+        cells=torch.from_numpy(cells),
+        timestamps=torch.from_numpy(arrays["timestamps"].astype(np.int64)),
+    )
+    return batch, arrays["user_id"]
