@@ -1,0 +1,117 @@
+"""DPO alignment of the SFT student (U-SCOPE, Eq. 27; DESIGN.md section 4.4).
+
+    accelerate launch recipes/dpo.py                      # CPU default: recipes/configs/dpo_cpu.yaml
+
+Preference triplets (x_u, y_w = grounded profile, y_l = popularity profile / another user's
+profile / a failing student sample, see scope.dpo). The SFT adapter is merged into the base
+weights and a new LoRA is trained with TRL's DPOTrainer: with no ``ref_model`` the reference is
+the adapter-disabled model, i.e. the SFT student. Reports reward accuracy / margins (train and
+held-out pairs) and the grounding score of the aligned student; saves adapter, tokenizer and a
+model card; resumes from its last checkpoint.
+"""
+
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
+
+from recipes.sft import use_cpu_threads, with_default_config
+from scope.corpus import ProfileDataArguments, build_corpus
+from scope.dpo import preference_dataset
+from scope.evaluation import evaluate_student, generate_answers
+from scope.models import load_student, load_tokenizer
+from scope.sft import last_checkpoint, set_stop_token, write_model_card
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "dpo_cpu.yaml"
+log = logging.getLogger("recipes.dpo")
+
+
+@dataclass
+class DPOScriptArguments(ProfileDataArguments):
+    sft_adapter: str = "runs/uscope/sft"          # the SFT student's LoRA folder (recipes/sft.py output_dir)
+    negatives: list[str] = field(default_factory=lambda: ["popularity", "other_user"])  # + "student"
+    student_negative_users: int = 0               # with "student": sample the SFT student on this many train users
+    student_max_new_tokens: int = 384
+    max_grounding: float = 0.67                   # a student sample below this grounding@3 is a negative
+    eval_pairs: int = 4                           # held-out (val) pairs scored after training; 0 = skip
+    eval_users: int = 2
+    eval_max_new_tokens: int = 384
+    resume: bool = True
+    cpu_threads: int = 0
+
+
+def _mean(history: list[dict], key: str) -> float | None:
+    values = [h[key] for h in history if key in h]
+    return sum(values) / len(values) if values else None
+
+
+def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: ModelConfig) -> dict:
+    start = time.perf_counter()
+    use_cpu_threads(script_args.cpu_threads, training_args.use_cpu)
+    out = Path(training_args.output_dir)
+    corpus = build_corpus(script_args, report_dir=out)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    model = load_student(model_args.model_name_or_path, [script_args.sft_adapter], dtype=model_args.dtype or "float32")
+    set_stop_token(model, tokenizer)
+
+    student_answers = None
+    if "student" in script_args.negatives and script_args.student_negative_users > 0:
+        users = corpus.profiled(*script_args.train_splits)[: script_args.student_negative_users]
+        answers = generate_answers(model, tokenizer, [corpus.prompts[u] for u in users],
+                                   max_new_tokens=script_args.student_max_new_tokens)
+        student_answers = dict(zip(users, answers))
+    train = preference_dataset(corpus, script_args.train_splits, script_args.negatives,
+                               student_answers=student_answers, max_grounding=script_args.max_grounding,
+                               seed=training_args.seed)
+    held_out = preference_dataset(corpus, ["val"], [k for k in script_args.negatives if k != "student"],
+                                  seed=training_args.seed) if corpus.profiled("val") and script_args.eval_pairs else None
+    if held_out is not None:
+        held_out = held_out.shuffle(seed=training_args.seed).select(range(min(script_args.eval_pairs, len(held_out))))
+
+    model.train()
+    trainer = DPOTrainer(model=model, ref_model=None, args=training_args, train_dataset=train,
+                         eval_dataset=held_out, processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    resume = last_checkpoint(out) if script_args.resume else None
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+
+    history = trainer.state.log_history
+    metrics = {"pairs": len(train), "pairs_by_kind": dict(zip(*_kinds(train))), "beta": training_args.beta,
+               "train_reward_accuracy": _mean(history, "rewards/accuracies"),
+               "train_reward_margin": _mean(history, "rewards/margins"),
+               "resumed_from": Path(resume).name if resume else "none", **result.metrics}
+    if held_out is not None:
+        ev = trainer.evaluate()
+        metrics.update({"heldout_pairs": len(held_out), "heldout_reward_accuracy": ev.get("eval_rewards/accuracies"),
+                        "heldout_reward_margin": ev.get("eval_rewards/margins"), "heldout_loss": ev.get("eval_loss")})
+    users = corpus.profiled("test")[: script_args.eval_users]
+    if users:
+        summary, _, _ = evaluate_student(trainer.model.eval(), tokenizer, [corpus.prompts[u] for u in users],
+                                         [corpus.results[u].profile for u in users],
+                                         max_new_tokens=script_args.eval_max_new_tokens)
+        metrics.update({f"student_{k}": v for k, v in summary.items()})
+    metrics["wall_s"] = round(time.perf_counter() - start, 1)
+    if trainer.is_world_process_zero():
+        write_model_card(out, title="U-SCOPE profile student (DPO, LoRA on the merged SFT student)",
+                         base_model=model_args.model_name_or_path, stage="dpo", metrics=metrics,
+                         configs={"script": asdict(script_args), "model": asdict(model_args), "training": training_args},
+                         notes=f"Apply after the SFT adapter: scope.models.load_student(base, ['{script_args.sft_adapter}', "
+                               f"'{out}']). Reference policy = adapter disabled = the SFT student.")
+    print(f"DPO: reward accuracy {metrics['train_reward_accuracy']}, margin {metrics['train_reward_margin']}; saved to {out}")
+    return metrics
+
+
+def _kinds(dataset) -> tuple[list[str], list[int]]:
+    kinds = sorted(set(dataset["kind"]))
+    return kinds, [dataset["kind"].count(k) for k in kinds]
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    sys.argv = with_default_config(sys.argv, DEFAULT_CONFIG)
+    parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig))
+    main(*parser.parse_args_and_config())

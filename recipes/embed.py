@@ -1,0 +1,92 @@
+"""User embeddings h_u (Eq. 24): profile -> frozen Sentence-BERT -> MLP head, stored per user.
+
+    python recipes/embed.py                               # CPU default: recipes/configs/embed.yaml
+
+Profiles come from the teacher (default: the grounded teacher, cached) or, with ``student``, from
+a distilled student answering every prompt (users whose answer is invalid fall back to the
+teacher's profile and are counted). Output format: see scope/embedding.py.
+"""
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from trl import TrlParser
+
+from recipes.sft import with_default_config
+from scope.corpus import ProfileDataArguments, build_corpus
+from scope.embedding import EmbeddingHead, HeadConfig, ProfileEncoder, write_user_embeddings
+from scope.models import EMBEDDER, load_embedder
+from scope.profiles import ProfileError, parse_profile
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "embed.yaml"
+log = logging.getLogger("recipes.embed")
+
+
+@dataclass
+class EmbedArguments(ProfileDataArguments):
+    out_dir: str = "runs/uscope/embeddings"
+    encoder: str = EMBEDDER
+    dim: int = 64
+    hidden_dim: int = 256
+    head_seed: int = 0
+    batch_size: int = 64
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test", "cold"])
+    student_base: str = ""                # e.g. smollm2-135m-instruct: profile users with the student instead
+    student_adapters: list[str] = field(default_factory=list)
+    student_max_new_tokens: int = 384
+    device: str = "cpu"
+
+
+def profile_texts(args: EmbedArguments, corpus, users: list[int]) -> tuple[list[str], list[str], int]:
+    """Profile text + JSON per user; from the student if configured (fallback: teacher)."""
+    profiles = {u: corpus.results[u].profile for u in users}
+    fallbacks = 0
+    if args.student_base:
+        from scope.evaluation import generate_answers
+        from scope.models import load_student, load_tokenizer
+        from scope.sft import set_stop_token
+
+        tokenizer = load_tokenizer(args.student_base)
+        model = load_student(args.student_base, args.student_adapters)
+        set_stop_token(model, tokenizer)
+        answers = generate_answers(model, tokenizer, [corpus.prompts[u] for u in users],
+                                   max_new_tokens=args.student_max_new_tokens)
+        for u, answer in zip(users, answers):
+            try:
+                profiles[u] = parse_profile(answer)
+            except ProfileError as err:
+                fallbacks += 1
+                log.warning("user %d: student answer invalid (%s): using the teacher's profile", u, err)
+    return [profiles[u].to_text() for u in users], [profiles[u].to_json() for u in users], fallbacks
+
+
+def main(args: EmbedArguments) -> dict:
+    start = time.perf_counter()
+    corpus = build_corpus(args, report_dir=args.out_dir)
+    users = corpus.profiled(*args.splits)
+    if not users:
+        raise ValueError(f"no profiled users in splits {args.splits}")
+    texts, jsons, fallbacks = profile_texts(args, corpus, users)
+    encoder = ProfileEncoder(load_embedder(args.encoder, args.device),
+                             EmbeddingHead(HeadConfig(hidden_dim=args.hidden_dim, dim=args.dim, seed=args.head_seed)))
+    t = time.perf_counter()
+    h, sbert = encoder.encode(texts, batch_size=args.batch_size)
+    encode_s = time.perf_counter() - t
+    path = write_user_embeddings(args.out_dir, users, texts, jsons, [corpus.split_of[u] for u in users], h, sbert,
+                                 encoder.head, args.encoder)
+    summary = {"users": len(users), "dim": int(h.shape[1]), "student_fallbacks": fallbacks,
+               "encode_users_per_s": len(users) / max(encode_s, 1e-9), "wall_s": time.perf_counter() - start,
+               "path": str(path), "finite": bool(np.isfinite(h).all())}
+    print(f"wrote h_u [{len(users)} x {h.shape[1]}] to {path}")
+    return summary
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    sys.argv = with_default_config(sys.argv, DEFAULT_CONFIG)
+    (arguments,) = TrlParser((EmbedArguments,)).parse_args_and_config()
+    main(arguments)

@@ -1,0 +1,100 @@
+"""SFT / CoT distillation of a LoRA student (U-SCOPE, DESIGN.md section 4.3).
+
+    accelerate launch recipes/sft.py                      # CPU default: recipes/configs/sft_cpu.yaml
+    accelerate launch --config_file recipes/accelerate_configs/ddp.yaml recipes/sft.py \
+        --config recipes/configs/sft_llama31_8b_lora.yaml
+
+Simulated (or given) cohort -> structured prompts -> teacher profiles (cached) -> TRL SFTTrainer
+with a peft LoRA (QLoRA with ``load_in_4bit: true``). Saves the adapter, the tokenizer, a model
+card (config + metrics) and TensorBoard logs under ``output_dir``; resumes from its last
+checkpoint.
+"""
+
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
+
+from scope.corpus import ProfileDataArguments, build_corpus
+from scope.evaluation import evaluate_student
+from scope.models import load_causal_lm, load_tokenizer
+from scope.sft import last_checkpoint, set_stop_token, sft_dataset, write_model_card
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft_cpu.yaml"
+log = logging.getLogger("recipes.sft")
+
+
+@dataclass
+class SFTScriptArguments(ProfileDataArguments):
+    eval_users: int = 2                  # held-out (test) users the student answers after training; 0 = skip
+    eval_max_new_tokens: int = 384
+    resume: bool = True                  # continue from the last checkpoint in output_dir
+    cpu_threads: int = 0                 # CPU training: torch threads per process (0 = all cores / processes)
+
+
+def with_default_config(argv: list[str], default: Path) -> list[str]:
+    """``accelerate launch recipes/<stage>.py`` with no ``--config`` uses the CPU default recipe."""
+    return argv if "--config" in argv else [argv[0], "--config", str(default), *argv[1:]]
+
+
+def use_cpu_threads(requested: int, use_cpu: bool) -> None:
+    """``accelerate launch`` without a config sets OMP_NUM_THREADS=1 on CPU-only machines: use the cores."""
+    if use_cpu or not torch.cuda.is_available():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        torch.set_num_threads(requested or max(1, (os.cpu_count() or 1) // world))
+
+
+def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict:
+    start = time.perf_counter()
+    use_cpu_threads(script_args.cpu_threads, training_args.use_cpu)
+    out = Path(training_args.output_dir)
+    corpus = build_corpus(script_args, report_dir=out)
+    train = sft_dataset(corpus, script_args.train_splits)
+    val = sft_dataset(corpus, ["val"]) if corpus.profiled("val") and training_args.eval_strategy != "no" else None
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    model = load_causal_lm(model_args.model_name_or_path, dtype=model_args.dtype or "float32",
+                           quantization_config=get_quantization_config(model_args),
+                           attn_implementation=model_args.attn_implementation)
+    stop = set_stop_token(model, tokenizer)
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=val,
+                         processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    resume = last_checkpoint(out) if script_args.resume else None
+    if resume:
+        log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+
+    metrics = {"train_users": len(train), "val_users": len(val) if val is not None else 0,
+               "teacher": corpus.teacher_name, "teacher_failures": len(corpus.failures()),
+               "stop_token": stop, "resumed_from": Path(resume).name if resume else "none", **result.metrics}
+    if val is not None:
+        metrics.update(trainer.evaluate())
+    users = corpus.profiled("test")[: script_args.eval_users]
+    if users:
+        summary, _, _ = evaluate_student(trainer.model.eval(), tokenizer, [corpus.prompts[u] for u in users],
+                                         [corpus.results[u].profile for u in users],
+                                         max_new_tokens=script_args.eval_max_new_tokens)
+        metrics.update({f"student_{k}": v for k, v in summary.items()})
+    metrics["wall_s"] = round(time.perf_counter() - start, 1)
+    if trainer.is_world_process_zero():
+        write_model_card(out, title="U-SCOPE profile student (SFT, LoRA)", base_model=model_args.model_name_or_path,
+                         stage="sft", metrics=metrics,
+                         configs={"script": asdict(script_args), "model": asdict(model_args), "training": training_args},
+                         notes="Answers a structured usage-statistics prompt with chain-of-thought + a JSON user "
+                               "profile (scope.profiles.Profile). Load with scope.models.load_student(base, [this folder]).")
+    print(f"saved the adapter, tokenizer and model card to {out} ({metrics['wall_s']} s)")
+    return metrics
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    sys.argv = with_default_config(sys.argv, DEFAULT_CONFIG)
+    parser = TrlParser((SFTScriptArguments, SFTConfig, ModelConfig))
+    main(*parser.parse_args_and_config())

@@ -1,0 +1,65 @@
+"""Structured prompts ``x_u`` (DESIGN.md section 4.1): statistics rendered through the Jinja2
+templates in ``prompts/`` (text files, not Python strings).
+
+A prompt is a chat: the system message (``prompts/profile_system.jinja``) states the task and the
+answer format; the user message (``prompts/profile_user.jinja``) holds the user's ``pi_time``,
+``C_u`` and ``sigma_u`` (Eq. 21-23). Places are "place 1..3" with their POI-cluster area; no user
+id or base-station id is ever rendered (a test checks it). An empty history gets a valid prompt
+that says there is no data; a tiny one (< ``scope.statistics.TINY_HISTORY`` records) says the
+statistics are unreliable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from scope.statistics import UserStatistics
+
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
+SYSTEM_TEMPLATE = "profile_system.jinja"
+USER_TEMPLATE = "profile_user.jinja"
+
+
+@dataclass(frozen=True)
+class UserPrompt:
+    """One user's structured prompt and the statistics it was rendered from."""
+
+    user_id: int
+    system: str
+    user: str
+    stats: UserStatistics
+
+    @property
+    def messages(self) -> list[dict]:
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": self.user}]
+
+    @property
+    def text(self) -> str:
+        """The exact prompt text (the teacher-cache key covers it)."""
+        return f"{self.system}\n\n{self.user}"
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.0f}%"
+
+
+class PromptBuilder:
+    """Renders prompts from a template folder (default: the project's ``prompts/``)."""
+
+    def __init__(self, template_dir: str | Path = PROMPTS_DIR):
+        self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir)), undefined=jinja2.StrictUndefined,
+                                      keep_trailing_newline=False, autoescape=False)
+        self.env.filters["pct"] = _pct
+        self.system = self.env.get_template(SYSTEM_TEMPLATE).render().strip()
+        self.user_template = self.env.get_template(USER_TEMPLATE)
+
+    def __call__(self, stats: UserStatistics) -> UserPrompt:
+        return UserPrompt(stats.user_id, self.system, self.user_template.render(s=stats).strip(), stats)
+
+
+def build_prompts(stats: dict[int, UserStatistics], builder: PromptBuilder | None = None) -> dict[int, UserPrompt]:
+    builder = builder or PromptBuilder()
+    return {u: builder(s) for u, s in stats.items()}

@@ -1,0 +1,94 @@
+"""SFT / chain-of-thought distillation (DESIGN.md section 4.3): a LoRA student learns to answer the
+structured prompt with the teacher's reasoning + profile JSON.
+
+Data: one conversational *prompt-completion* example per user, built with HF ``datasets``:
+``prompt = [system, user]`` (the structured prompt), ``completion = [assistant]`` (teacher CoT +
+profile JSON). TRL's ``SFTTrainer`` renders both with the tokenizer's chat template and computes
+the loss on the completion tokens only (``completion_only_loss``): this is the assistant-only
+loss, and it works with any chat template (SmolLM2's ChatML, Llama 3.1's headers) without
+``{% generation %}`` markers. The assistant turn ends with the template's end-of-turn token
+(``<|im_end|>`` for SmolLM2, ``<|eot_id|>`` for Llama 3.1), which lies inside the completion and
+is therefore trained; the model's ``eos_token_id`` is set to it, so generation stops there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+from datasets import Dataset
+
+from scope.corpus import ProfileCorpus
+from scope.io import write_text
+
+
+def chat_example(prompt, profile_json: str, user_id: int) -> dict:
+    return {"prompt": prompt.messages, "completion": [{"role": "assistant", "content": profile_json}], "user_id": user_id}
+
+
+def sft_dataset(corpus: ProfileCorpus, splits: list[str] | tuple[str, ...] = ("train",)) -> Dataset:
+    """Prompt-completion chat examples of the users of ``splits`` that have a teacher profile."""
+    users = corpus.profiled(*splits)
+    if not users:
+        raise ValueError(f"no profiled users in splits {list(splits)}: the cohort is too small or the teacher failed")
+    rows = [chat_example(corpus.prompts[u], corpus.results[u].profile.to_json(), u) for u in users]
+    return Dataset.from_list(rows)
+
+
+def end_of_turn_token(tokenizer) -> str:
+    """The token that closes an assistant turn in the tokenizer's chat template."""
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "PROBE"}]
+    text = tokenizer.apply_chat_template(probe, tokenize=False)
+    tail = text[text.rindex("PROBE") + len("PROBE"):]
+    for token in tokenizer.all_special_tokens:
+        if token and token in tail:
+            return token
+    return tokenizer.eos_token
+
+
+def set_stop_token(model, tokenizer) -> str:
+    """Make generation stop at the end-of-turn token (the last token trained in each example)."""
+    token = end_of_turn_token(tokenizer)
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if token_id not in ids:
+        model.generation_config.eos_token_id = [token_id, *ids]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return token
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` folder of a run, if any (training resumes from it)."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)
+               and (p / "trainer_state.json").exists()]
+    return str(max(folders, key=lambda p: int(p.name.split("-")[1]))) if folders else None
+
+
+def _plain(obj):
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
+    return json.loads(json.dumps(obj, default=str))
+
+
+def write_model_card(out_dir: str | Path, *, title: str, base_model: str, stage: str, configs: dict, metrics: dict,
+                     notes: str = "") -> Path:
+    """``README.md`` with YAML front matter (base model, tags) + config and metrics (also as JSON)."""
+    out_dir = Path(out_dir)
+    front = {"base_model": base_model, "library_name": "peft", "tags": ["uscope", stage, "lora", "trl"]}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", ""]
+    if notes:
+        lines += [notes, ""]
+    lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += ["", "## Configuration", ""]
+    for name, cfg in configs.items():
+        lines += [f"### {name}", "", "```yaml", yaml.safe_dump(_plain(cfg), sort_keys=True).strip(), "```", ""]
+    path = out_dir / "README.md"
+    write_text(path, "\n".join(lines))
+    write_text(out_dir / "metrics.json", json.dumps(_plain(metrics), indent=2) + "\n")
+    return path

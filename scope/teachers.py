@@ -1,0 +1,348 @@
+"""Teachers: structured prompt -> chain-of-thought + profile (DESIGN.md section 4.2), behind one
+interface, with an on-disk cache.
+
+- :class:`GroundedTeacher` (the default): deterministic, offline, writes the reasoning and the
+  profile from the statistics themselves (so its profile is consistent with ``H_u`` by
+  construction: the ``y_w`` of Eq. 27).
+- :class:`LocalTeacher`: any local causal LM through transformers; decoding is constrained to the
+  profile schema with ``outlines`` (:func:`scope.profiles.generation_schema`).
+- :class:`EndpointTeacher`: any OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, TGI,
+  llama.cpp server, Ollama, ``recipes/serve.py``): asks for JSON-schema output, validates it,
+  runs ``concurrency`` requests at a time with a per-request time-out and a bounded number of
+  retries (exponential back-off); a user whose output never validates is *reported*
+  (``TeacherResult.error``), never silently dropped.
+
+:func:`run_teacher` puts a :class:`TeacherCache` in front of any teacher: entries are keyed by
+``sha256(teacher identity + prompt text)``, so reruns never pay twice; each entry stores a
+checksum of its content, and an entry that is unreadable, fails its checksum or no longer
+validates is reported as corrupted, deleted and regenerated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from scope.io import write_text
+from scope.profiles import (AppPreference, LocationTendency, Profile, ProfileError, TemporalRegularities,
+                            generation_schema, parse_profile, profile_json_schema)
+from scope.prompts import UserPrompt
+from scope.statistics import UserStatistics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherResult:
+    user_id: int
+    profile: Profile | None
+    raw: str = ""
+    error: str | None = None      # why no valid profile came back (after all retries)
+    attempts: int = 1
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.profile is not None
+
+
+class Teacher:
+    """One interface: ``generate(prompts) -> results`` in the same order; ``name`` keys the cache."""
+
+    name: str = "teacher"
+
+    def generate(self, prompts: Sequence[UserPrompt]) -> list[TeacherResult]:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# (a) The grounded teacher
+# --------------------------------------------------------------------------------------------
+
+INTENT_OF_APP = {
+    "Utilities": "use phone tools", "Games": "play games", "Entertainment": "watch videos", "News": "read news",
+    "Social Networking": "chat with friends", "Shopping": "shop online", "Finance": "manage money",
+    "Business": "do work tasks", "Travel": "plan trips", "Lifestyle": "find local services", "Education": "study",
+    "Health & Fitness": "track fitness", "Infant & Mom": "care for a child", "Navigation": "navigate",
+    "Weather": "check the weather", "Music": "listen to music", "References": "look things up", "Books": "read books",
+    "Photo & Video": "share photos", "Sports": "follow sports",
+}
+
+
+def _share(stats: UserStatistics, names: tuple[str, ...]) -> float:
+    return sum(stats.app_share.get(n, 0.0) for n in names)
+
+
+def infer_persona(s: UserStatistics) -> tuple[str, str]:
+    """A persona label and the evidence for it, by explicit rules over the statistics."""
+    if s.empty:
+        return "unknown (no history)", "there is no usage history"
+    parts = s.day_part_share
+    areas = " ".join(s.top_areas(3))
+    rules = [
+        (parts["night"] > 0.22, "night-shift worker", f"{parts['night']:.0%} of activity is at night"),
+        (_share(s, ("Navigation", "Travel")) > 0.18 or ("Transportation" in areas and _share(s, ("Navigation", "Travel", "Photo & Video")) > 0.2),
+         "traveller", f"navigation and travel apps take {_share(s, ('Navigation', 'Travel')):.0%}"),
+        (_share(s, ("Education", "Games")) > 0.2 or "Education" in (s.places[0].area if s.places else ""),
+         "student", f"education and games apps take {_share(s, ('Education', 'Games')):.0%}"),
+        (_share(s, ("News", "Health & Fitness", "Weather", "Books")) > 0.25 and parts["evening"] < 0.35,
+         "retiree", f"news, health and weather apps take {_share(s, ('News', 'Health & Fitness', 'Weather', 'Books')):.0%}"),
+        (_share(s, ("Business", "Finance")) > 0.1, "commuter",
+         f"business and finance apps take {_share(s, ('Business', 'Finance')):.0%}"),
+    ]
+    for hit, label, why in rules:
+        if hit:
+            return label, why
+    return "homebody", f"{s.places[0].share:.0%} of records are at one place" if s.places else "activity stays local"
+
+
+def _role(place, home_rank: int | None) -> str:
+    if place.rank == home_rank:
+        return "home"
+    if "Transportation" in place.area:
+        return "transit"
+    daytime = place.day_parts["morning"] + place.day_parts["afternoon"]
+    if place.weekday_share > 0.8 and daytime > 0.6:
+        return "work"
+    if "leisure" in place.area.lower() or "Scenic" in place.area or place.day_parts["evening"] > 0.5:
+        return "leisure"
+    return "other"
+
+
+def grounded_profile(s: UserStatistics) -> Profile:
+    """The deterministic profile of one user's statistics (reasoning + profile)."""
+    persona, why = infer_persona(s)
+    if s.empty:
+        return Profile(reasoning="No app-usage records were observed, so nothing can be inferred about this user.",
+                       persona=persona, app_preferences=[], location_tendencies=[],
+                       temporal_regularities=TemporalRegularities(peak_hours=[], most_active_period="unknown",
+                                                                  week_pattern="unknown", sessions_per_day=0,
+                                                                  regularity="unknown"),
+                       likely_intents=[])
+    parts = s.day_part_share
+    period = max(parts, key=parts.get)
+    if s.weekday_rate == 0 or s.weekend_rate == 0:
+        week = "unknown"
+    else:
+        ratio = s.weekend_rate / s.weekday_rate
+        week = "more on weekends" if ratio > 1.15 else "more on weekdays" if ratio < 0.87 else "similar"
+    regularity = "high" if s.regularity > 0.2 else "medium" if s.regularity > 0.1 else "low"
+    night_share = [p.day_parts["night"] * p.share for p in s.places]
+    home_rank = s.places[int(np.argmax(night_share))].rank if s.places and max(night_share) > 0 else None
+    places = [LocationTendency(place=f"place {p.rank}", area=p.area, role=_role(p, home_rank),
+                               share_pct=round(100 * p.share)) for p in s.places]
+    apps = [AppPreference(category=c, share_pct=round(100 * v)) for c, v in list(s.app_share.items())[:4]]
+    intents = []
+    for area, app, _ in s.top_pairs(6):
+        intent = f"{INTENT_OF_APP.get(app, 'use ' + app + ' apps')} at {area.split(' / ')[0].lower()}"
+        if intent not in intents:
+            intents.append(intent)
+    top = list(s.app_share.items())[:2]
+    caution = f" Only {s.n_events} records were observed, so this is tentative." if s.tiny else ""
+    reasoning = (f"{top[0][0]} dominates app use ({top[0][1]:.0%})"
+                 + (f", followed by {top[1][0]} ({top[1][1]:.0%})" if len(top) > 1 else "")
+                 + f". Activity peaks in the {period} ({parts[period]:.0%}) with {s.sessions_per_day:.0f} sessions per active day"
+                 + (f", and place 1 is a {s.places[0].area} area ({s.places[0].share:.0%} of records)" if s.places else "")
+                 + f". The persona is {persona} because {why}.{caution}")
+    return Profile(reasoning=reasoning, persona=persona, app_preferences=apps, location_tendencies=places,
+                   temporal_regularities=TemporalRegularities(peak_hours=s.peak_hours(3), most_active_period=period,
+                                                              week_pattern=week, sessions_per_day=round(s.sessions_per_day),
+                                                              regularity=regularity),
+                   likely_intents=intents[:3])
+
+
+class GroundedTeacher(Teacher):
+    """Deterministic teacher computed from the statistics: offline, always available."""
+
+    name = "grounded-v2"
+
+    def generate(self, prompts: Sequence[UserPrompt]) -> list[TeacherResult]:
+        out = []
+        for p in prompts:
+            profile = grounded_profile(p.stats)
+            out.append(TeacherResult(p.user_id, profile, profile.to_json()))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# (b) A local transformers model, constrained by outlines
+# --------------------------------------------------------------------------------------------
+
+class LocalTeacher(Teacher):
+    """Any local causal LM; decoding is constrained to the profile schema with ``outlines``.
+
+    ``categories`` / ``areas`` turn those fields into enums of the cohort's names;
+    ``max_chars`` caps every free string so that a generation always terminates.
+    """
+
+    def __init__(self, model, tokenizer, *, model_name: str = "local", max_new_tokens: int = 512,
+                 categories: list[str] | None = None, areas: list[str] | None = None, max_chars: int = 300):
+        import outlines
+        from outlines.types import JsonSchema
+
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.schema = generation_schema(categories, areas, max_chars)
+        schema_sha = hashlib.sha256(json.dumps(self.schema, sort_keys=True).encode()).hexdigest()[:12]
+        self.name = f"local:{model_name}:{schema_sha}:{max_new_tokens}"
+        self._generator = outlines.Generator(outlines.from_transformers(self.model, tokenizer), JsonSchema(self.schema))
+
+    def generate(self, prompts: Sequence[UserPrompt]) -> list[TeacherResult]:
+        out = []
+        for p in prompts:
+            text = self.tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
+            raw = self._generator(text, max_new_tokens=self.max_new_tokens, do_sample=False)
+            try:
+                out.append(TeacherResult(p.user_id, parse_profile(raw), raw))
+            except ProfileError as err:  # e.g. cut by max_new_tokens
+                out.append(TeacherResult(p.user_id, None, raw, f"{err} (raise max_new_tokens?)"))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# (c) Any OpenAI-compatible endpoint
+# --------------------------------------------------------------------------------------------
+
+class EndpointTeacher(Teacher):
+    """An OpenAI-compatible chat endpoint with concurrency, time-outs and bounded retries."""
+
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 4,
+                 timeout_s: float = 120.0, max_retries: int = 2, backoff_s: float = 0.5, max_tokens: int = 768,
+                 temperature: float = 0.0, schema: dict | None = None):
+        self.base_url, self.model = base_url.rstrip("/"), model
+        self.api_key, self.concurrency, self.timeout_s = api_key, max(1, concurrency), timeout_s
+        self.max_retries, self.backoff_s = max(0, max_retries), backoff_s
+        self.max_tokens, self.temperature = max_tokens, temperature
+        self.schema = schema or profile_json_schema()
+        self.name = f"endpoint:{self.base_url}:{model}:{temperature}"
+
+    def _request(self, messages: list[dict]) -> str:
+        body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
+                "temperature": self.temperature,
+                "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "profile", "schema": self.schema, "strict": True}}}
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(f"{self.base_url}/chat/completions", json.dumps(body).encode(), headers)
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            reply = json.loads(response.read())
+        try:
+            return reply["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise ProfileError(f"not a chat-completion reply: {str(reply)[:200]}") from None
+
+    def _one(self, prompt: UserPrompt) -> TeacherResult:
+        errors, raw = [], ""
+        for attempt in range(1, self.max_retries + 2):
+            try:
+                raw = self._request(prompt.messages)
+                return TeacherResult(prompt.user_id, parse_profile(raw), raw, attempts=attempt)
+            except ProfileError as err:
+                errors.append(f"attempt {attempt}: invalid output: {err}")
+            except urllib.error.HTTPError as err:
+                errors.append(f"attempt {attempt}: HTTP {err.code}: {err.read()[:200].decode(errors='replace')}")
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+                reason = getattr(err, "reason", err)
+                kind = "timed out" if "timed out" in str(reason) or isinstance(reason, TimeoutError) else "unreachable"
+                errors.append(f"attempt {attempt}: endpoint {kind}: {reason}")
+            except json.JSONDecodeError as err:
+                errors.append(f"attempt {attempt}: reply is not JSON: {err}")
+            if attempt <= self.max_retries:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        return TeacherResult(prompt.user_id, None, raw, "; ".join(errors), attempts=self.max_retries + 1)
+
+    def generate(self, prompts: Sequence[UserPrompt]) -> list[TeacherResult]:
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(self._one, prompts))
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    corrupted: list[str] = field(default_factory=list)
+
+
+class TeacherCache:
+    """On-disk cache of valid teacher outputs: ``<dir>/<key[:2]>/<key>.json``, written atomically."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.stats = CacheStats()
+
+    @staticmethod
+    def key(teacher_name: str, prompt: UserPrompt) -> str:
+        return hashlib.sha256(f"{teacher_name}\n\x00{prompt.text}".encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.json"
+
+    @staticmethod
+    def _checksum(raw: str, profile: dict) -> str:
+        return hashlib.sha256((raw + "\x00" + json.dumps(profile, sort_keys=True)).encode()).hexdigest()
+
+    def get(self, key: str) -> tuple[Profile, str] | None:
+        path = self.path(key)
+        if not path.exists():
+            self.stats.misses += 1
+            return None
+        try:
+            entry = json.loads(path.read_text())
+            if entry["key"] != key or entry["checksum"] != self._checksum(entry["raw"], entry["profile"]):
+                raise ValueError("key or checksum mismatch")
+            profile = Profile.model_validate(entry["profile"])
+        except Exception as err:  # unreadable, truncated, tampered or no longer valid: regenerate
+            log.warning("teacher cache entry %s is corrupted (%s): regenerating it", path, err)
+            self.stats.corrupted.append(str(path))
+            path.unlink(missing_ok=True)
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        return profile, entry["raw"]
+
+    def put(self, key: str, teacher_name: str, result: TeacherResult) -> None:
+        profile = result.profile.model_dump(mode="json")
+        entry = {"key": key, "teacher": teacher_name, "profile": profile, "raw": result.raw,
+                 "checksum": self._checksum(result.raw, profile)}
+        write_text(self.path(key), json.dumps(entry, ensure_ascii=False))
+
+
+def run_teacher(teacher: Teacher, prompts: Sequence[UserPrompt], cache: TeacherCache | None = None) -> list[TeacherResult]:
+    """Teacher outputs for ``prompts`` (same order); cached ones are read, the rest generated and cached.
+
+    Failed users come back with ``profile=None`` and ``error`` set; the caller reports them.
+    """
+    results: list[TeacherResult | None] = [None] * len(prompts)
+    todo = []
+    for i, p in enumerate(prompts):
+        hit = cache.get(TeacherCache.key(teacher.name, p)) if cache else None
+        if hit:
+            results[i] = TeacherResult(p.user_id, hit[0], hit[1], cached=True)
+        else:
+            todo.append(i)
+    if todo:
+        fresh = teacher.generate([prompts[i] for i in todo])
+        for i, r in zip(todo, fresh):
+            results[i] = r
+            if cache and r.ok:
+                cache.put(TeacherCache.key(teacher.name, prompts[i]), teacher.name, r)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        log.warning("teacher %s failed for %d of %d users (first: user %d: %s)", teacher.name, len(failed),
+                    len(prompts), failed[0].user_id, failed[0].error)
+    return results

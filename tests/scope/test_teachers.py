@@ -1,0 +1,77 @@
+"""Teachers: the grounded teacher, the on-disk cache (hits, corrupted entries) and failure reporting."""
+
+import json
+
+import pytest
+
+from scope.corpus import TeacherFailure, build_corpus
+from scope.evaluation import precision_at_3
+from scope.teachers import GroundedTeacher, Teacher, TeacherCache, TeacherResult, run_teacher
+from tests.scope.conftest import data_args
+
+
+class CountingTeacher(GroundedTeacher):
+    name = "counting"
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, prompts):
+        self.calls += len(prompts)
+        return super().generate(prompts)
+
+
+class FailingTeacher(Teacher):
+    name = "failing"
+
+    def generate(self, prompts):
+        return [TeacherResult(p.user_id, None, "garbage", "invalid JSON: nope", attempts=3) for p in prompts]
+
+
+def test_grounded_teacher_is_deterministic_and_grounded(corpus):
+    prompts = [corpus.prompts[u] for u in corpus.profiled("train")[:5]]
+    first, second = GroundedTeacher().generate(prompts), GroundedTeacher().generate(prompts)
+    assert [r.raw for r in first] == [r.raw for r in second]
+    for p, r in zip(prompts, first):
+        assert precision_at_3(r.profile.top_categories(), p.stats.top_apps()) == 1.0
+        assert precision_at_3(r.profile.top_areas(), p.stats.top_areas()) > 0
+        assert r.profile.app_preferences[0].category in r.profile.reasoning
+
+
+def test_cache_hits_on_rerun(corpus, tmp_path):
+    prompts = [corpus.prompts[u] for u in corpus.profiled("train")[:4]]
+    teacher, cache = CountingTeacher(), TeacherCache(tmp_path)
+    first = run_teacher(teacher, prompts, cache)
+    again = run_teacher(teacher, prompts, TeacherCache(tmp_path))
+    assert teacher.calls == 4
+    assert all(r.cached for r in again) and [r.profile for r in again] == [r.profile for r in first]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "tamper", "garbage"])
+def test_corrupted_cache_entry_is_detected_and_regenerated(corpus, tmp_path, damage):
+    prompts = [corpus.prompts[u] for u in corpus.profiled("train")[:2]]
+    teacher = CountingTeacher()
+    run_teacher(teacher, prompts, TeacherCache(tmp_path))
+    path = TeacherCache(tmp_path).path(TeacherCache.key(teacher.name, prompts[0]))
+    text = path.read_text()
+    if damage == "truncate":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "tamper":
+        entry = json.loads(text)
+        entry["profile"]["persona"] = "astronaut"
+        path.write_text(json.dumps(entry))
+    else:
+        path.write_bytes(b"\x00\xff not json")
+    cache = TeacherCache(tmp_path)
+    results = run_teacher(teacher, prompts, cache)
+    assert cache.stats.corrupted == [str(path)] and cache.stats.hits == 1
+    assert teacher.calls == 3 and results[0].ok and not results[0].cached
+    assert json.loads(path.read_text())["profile"]["persona"] != "astronaut"  # rewritten
+
+
+def test_teacher_failures_are_reported_never_dropped(small_cohort, tmp_path):
+    args = data_args(small_cohort, tmp_path / "cache", max_teacher_failure_fraction=0.5)
+    with pytest.raises(TeacherFailure, match="no valid profile for 40 of 40 users.*invalid JSON"):
+        build_corpus(args, FailingTeacher(), report_dir=tmp_path)
+    lines = (tmp_path / "teacher_failures.jsonl").read_text().splitlines()
+    assert len(lines) == 40 and json.loads(lines[0])["attempts"] == 3
