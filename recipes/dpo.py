@@ -21,7 +21,7 @@ from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
 from recipes.sft import use_cpu_threads, with_default_config
 from scope.corpus import ProfileDataArguments, build_corpus
 from scope.dpo import preference_dataset
-from scope.evaluation import evaluate_student, generate_answers
+from scope.evaluation import generate_answers, held_out_metrics
 from scope.models import load_student, load_tokenizer
 from scope.sft import last_checkpoint, set_stop_token, write_model_card
 
@@ -88,12 +88,8 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
         ev = trainer.evaluate()
         metrics.update({"heldout_pairs": len(held_out), "heldout_reward_accuracy": ev.get("eval_rewards/accuracies"),
                         "heldout_reward_margin": ev.get("eval_rewards/margins"), "heldout_loss": ev.get("eval_loss")})
-    users = corpus.profiled("test")[: script_args.eval_users]
-    if users:
-        summary, _, _ = evaluate_student(trainer.model.eval(), tokenizer, [corpus.prompts[u] for u in users],
-                                         [corpus.results[u].profile for u in users],
-                                         max_new_tokens=script_args.eval_max_new_tokens)
-        metrics.update({f"student_{k}": v for k, v in summary.items()})
+    metrics.update(held_out_metrics(trainer.model, tokenizer, corpus, script_args.eval_users,
+                                    script_args.eval_max_new_tokens))
     metrics["wall_s"] = round(time.perf_counter() - start, 1)
     if trainer.is_world_process_zero():
         write_model_card(out, title="U-SCOPE profile student (DPO, LoRA on the merged SFT student)",

@@ -21,7 +21,7 @@ import torch
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
 from scope.corpus import ProfileDataArguments, build_corpus
-from scope.evaluation import evaluate_student
+from scope.evaluation import held_out_metrics
 from scope.models import load_causal_lm, load_tokenizer
 from scope.sft import last_checkpoint, set_stop_token, sft_dataset, write_model_card
 
@@ -76,12 +76,8 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
                "stop_token": stop, "resumed_from": Path(resume).name if resume else "none", **result.metrics}
     if val is not None:
         metrics.update(trainer.evaluate())
-    users = corpus.profiled("test")[: script_args.eval_users]
-    if users:
-        summary, _, _ = evaluate_student(trainer.model.eval(), tokenizer, [corpus.prompts[u] for u in users],
-                                         [corpus.results[u].profile for u in users],
-                                         max_new_tokens=script_args.eval_max_new_tokens)
-        metrics.update({f"student_{k}": v for k, v in summary.items()})
+    metrics.update(held_out_metrics(trainer.model, tokenizer, corpus, script_args.eval_users,
+                                    script_args.eval_max_new_tokens))
     metrics["wall_s"] = round(time.perf_counter() - start, 1)
     if trainer.is_world_process_zero():
         write_model_card(out, title="U-SCOPE profile student (SFT, LoRA)", base_model=model_args.model_name_or_path,

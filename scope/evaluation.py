@@ -104,6 +104,17 @@ def evaluate_student(model, tokenizer, prompts: list[UserPrompt], teacher_profil
     return summarize(scores), scores, answers
 
 
+def held_out_metrics(model, tokenizer, corpus, n_users: int, max_new_tokens: int) -> dict[str, float]:
+    """``student_*`` metrics of ``model`` on the first ``n_users`` profiled test users of a corpus
+    (empty when there are none): the check the SFT and DPO recipes run after training."""
+    users = corpus.profiled("test")[:n_users]
+    if not users:
+        return {}
+    summary, _, _ = evaluate_student(model.eval(), tokenizer, [corpus.prompts[u] for u in users],
+                                     [corpus.results[u].profile for u in users], max_new_tokens=max_new_tokens)
+    return {f"student_{k}": v for k, v in summary.items()}
+
+
 def evaluation_table(rows: dict[str, dict[str, float]]) -> str:
     """Markdown table: one row per stage (before SFT / after SFT / after DPO), one column per metric."""
     lines = ["| stage | users | " + " | ".join(METRICS) + " |", "|---|---:|" + "---:|" * len(METRICS)]
