@@ -4,7 +4,7 @@ steps, run alternately (recipe, plain, recipe, plain, ...) as fresh processes; w
 whole process (imports, data, model load, training, saving) is compared by the median.
 Target: ratio = recipe_s / plain_trl_s <= 1.10.
 
-    python benchmarks/sft_overhead.py [--steps 2 --rounds 2 --max_length 512 --work_dir /tmp/uscope-sft-bench]
+    python -m benchmarks.sft_overhead [--steps 10 --rounds 2 --max_length 1024 --work_dir /tmp/uscope-sft-bench]
 """
 
 import argparse
@@ -31,9 +31,9 @@ def timed(cmd: list[str]) -> float:
 
 def main() -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--max_length", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="registry name or model folder")
     parser.add_argument("--work_dir", default="/tmp/uscope-sft-bench")

@@ -34,11 +34,11 @@ class DPOScriptArguments(ProfileDataArguments):
     sft_adapter: str = "runs/uscope/sft"          # the SFT student's LoRA folder (recipes/sft.py output_dir)
     negatives: list[str] = field(default_factory=lambda: ["popularity", "other_user"])  # + "student"
     student_negative_users: int = 0               # with "student": sample the SFT student on this many train users
-    student_max_new_tokens: int = 384
+    student_max_new_tokens: int = 512
     max_grounding: float = 0.67                   # a student sample below this grounding@3 is a negative
     eval_pairs: int = 4                           # held-out (val) pairs scored after training; 0 = skip
     eval_users: int = 2
-    eval_max_new_tokens: int = 384
+    eval_max_new_tokens: int = 512
     resume: bool = True
     cpu_threads: int = 0
 

@@ -37,7 +37,7 @@ class EmbedArguments(ProfileDataArguments):
     splits: list[str] = field(default_factory=lambda: ["train", "val", "test", "cold"])
     student_base: str = ""                # e.g. smollm2-135m-instruct: profile users with the student instead
     student_adapters: list[str] = field(default_factory=list)
-    student_max_new_tokens: int = 384
+    student_max_new_tokens: int = 512
     device: str = "cpu"
 
 

@@ -35,7 +35,7 @@ class EvaluateArguments(ProfileDataArguments):
     dpo_adapter: str = "runs/uscope/dpo"
     eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])
     max_users: int = 8
-    max_new_tokens: int = 384
+    max_new_tokens: int = 512
     batch_size: int = 4
     stages: list[str] = field(default_factory=lambda: ["before SFT", "after SFT", "after DPO"])
     cpu_threads: int = 0

@@ -32,7 +32,7 @@ log = logging.getLogger("recipes.sft")
 @dataclass
 class SFTScriptArguments(ProfileDataArguments):
     eval_users: int = 2                  # held-out (test) users the student answers after training; 0 = skip
-    eval_max_new_tokens: int = 384
+    eval_max_new_tokens: int = 512
     resume: bool = True                  # continue from the last checkpoint in output_dir
     cpu_threads: int = 0                 # CPU training: torch threads per process (0 = all cores / processes)
 

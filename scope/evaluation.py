@@ -27,7 +27,7 @@ METRICS = ("schema_valid", "field_agreement", "grounding_apps@3", "grounding_pla
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[UserPrompt], *, max_new_tokens: int = 384,
+def generate_answers(model, tokenizer, prompts: list[UserPrompt], *, max_new_tokens: int = 512,
                      batch_size: int = 4) -> list[str]:
     """Greedy answers of a chat model to each prompt (left-padded batches)."""
     model.eval()
@@ -98,7 +98,7 @@ def summarize(scores: list[UserScore]) -> dict[str, float]:
 
 
 def evaluate_student(model, tokenizer, prompts: list[UserPrompt], teacher_profiles: list[Profile | None], *,
-                     max_new_tokens: int = 384, batch_size: int = 4) -> tuple[dict[str, float], list[UserScore], list[str]]:
+                     max_new_tokens: int = 512, batch_size: int = 4) -> tuple[dict[str, float], list[UserScore], list[str]]:
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     scores = [score_answer(p.user_id, a, t, p.stats) for p, a, t in zip(prompts, answers, teacher_profiles)]
     return summarize(scores), scores, answers
