@@ -19,15 +19,7 @@ import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from completion.masks import MaskOutput  # noqa: E402
-from scope.io import atomic_path  # noqa: E402
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+from scope.io import save_figure  # noqa: E402
 
 
 def mask_figure(outputs: dict[str, MaskOutput], path: str | Path) -> Path:
@@ -51,7 +43,7 @@ def mask_figure(outputs: dict[str, MaskOutput], path: str | Path) -> Path:
         row[3].hist(relative.detach().numpy(), bins=40, color="tab:orange")
         row[3].set(title=f"{task}: mask values p N_b", xlabel="p_i N_b (1 = uniform)", ylabel="coordinates")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pca_2d(F: Tensor) -> np.ndarray:
@@ -75,5 +67,5 @@ def pattern_figure(out: MaskOutput, available: Tensor, path: str | Path) -> Path
     axes[1].set(title="F_pat (PCA) by mask density k_b / N_b", xlabel="PC1", ylabel="PC2")
     fig.colorbar(sc, ax=axes[1])
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 

@@ -1,59 +1,181 @@
-"""The main job on the embedded default: simulate a cohort, load it through the real Tsinghua
-loader, tensorize it, and write a summary with figures under one run folder.
+"""The main job: every stage of the toolchain on the embedded default, under one run folder, then a report.
 
-    python recipes/demo.py --config recipes/configs/demo.yaml [--run_dir runs/demo --n_users 500]
+    python recipes/demo.py --config recipes/configs/demo.yaml            # = make demo
+    python recipes/demo.py --config recipes/configs/demo.yaml --only dpo    # rerun one stage
+    python recipes/demo.py --config recipes/configs/demo.yaml --from completion   # rerun from a stage on
+    python recipes/demo.py --config recipes/configs/demo.yaml --force true  # rerun everything
+    python recipes/demo.py --config recipes/configs/demo.yaml --until summary   # the data stages only (~30 s)
+    python recipes/demo.py --config recipes/configs/demo.yaml --list_stages true   # print the stages and their commands
+
+cohort -> tensors -> summary -> sft -> dpo -> evaluate -> synthesis -> embed -> completion -> compare
+-> pituning -> lightgbm -> report. Each stage is a subprocess running its own recipe with its own
+YAML (recipes/configs/demo_*.yaml), writes under ``<run_dir>/<stage>/`` and records what it
+consumed in ``stage.json``; an up-to-date stage is skipped, so an interrupted run resumes where
+it stopped (scope/pipeline.py). The report is ``<run_dir>/report/index.html``.
 """
 
-from dataclasses import dataclass, replace
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-from transformers import HfArgumentParser
 from trl import TrlParser
 
-from completion.tensors import BehaviourTensors
-from recipes import cohort, tensorize
-from scope.cohort_report import summarize
-from scope.simulate import read_ground_truth
-from scope.tsinghua import load_cohort
+from scope.pipeline import PipelineError, Stage, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
 class DemoArguments:
     run_dir: str = "runs/demo"
-    cohort_config: str = "recipes/configs/cohort.yaml"
-    tensorize_config: str = "recipes/configs/tensorize.yaml"
+    # the simulated cohort (embedded default)
     n_users: int = 200
     days: int = 7
     seed: int = 0
+    threads: int = 0                  # torch threads per stage (0 = each recipe's own default)
+    # one YAML per stage (paths relative to the repository root)
+    cohort_config: str = "recipes/configs/cohort.yaml"
+    tensorize_config: str = "recipes/configs/tensorize.yaml"
+    sft_config: str = "recipes/configs/demo_sft.yaml"
+    dpo_config: str = "recipes/configs/demo_dpo.yaml"
+    evaluate_config: str = "recipes/configs/demo_evaluate.yaml"
+    synthesize_config: str = "recipes/configs/synthesize_cpu.yaml"
+    embed_config: str = "recipes/configs/demo_embed.yaml"
+    complete_config: str = "recipes/configs/demo_complete.yaml"
+    pituning_config: str = "recipes/configs/pituning_cpu.yaml"
+    # which stages run
+    only: str | None = None           # rerun this stage alone (forced)
+    from_stage: str | None = None     # rerun from this stage on (`--from STAGE` on the command line)
+    until: str | None = None          # stop after this stage (e.g. summary: the data stages only)
+    force: bool = False               # rerun every stage
+    keep_going: bool = True           # after a failed stage, run the stages that do not need it, then the report
+    quiet: bool = False               # do not echo each stage's output (it is in <stage>/stage.log)
+    list_stages: bool = False         # print the stages and their commands, run nothing
 
 
-def _stage_args(kind, path: str, **overrides):
-    (args,) = HfArgumentParser((kind,)).parse_yaml_file(path, allow_extra_keys=False)
-    return replace(args, **overrides)
+def _in_repo(path: str) -> str:
+    """Config paths are relative to the repository root (the stages run there)."""
+    return str(path if Path(path).is_absolute() else ROOT / path) if path else path
 
 
-def main(args: DemoArguments) -> dict:
-    run = Path(args.run_dir)
-    cohort_args = _stage_args(cohort.CohortArguments, args.cohort_config, out_dir=str(run / "cohort"),
-                              n_users=args.n_users, days=args.days, seed=args.seed)
-    cohort.main(cohort_args)
-    tensor_args = _stage_args(tensorize.TensorizeArguments, args.tensorize_config, cohort_dir=cohort_args.out_dir,
-                              out_dir=str(run / "tensors"), seed=args.seed)
-    dataset = tensorize.main(tensor_args)
+def stages(args: DemoArguments, python: str = sys.executable) -> list[Stage]:
+    run = Path(args.run_dir).resolve()
+    for name in [f for f in DemoArguments.__dataclass_fields__ if f.endswith("_config")]:
+        setattr(args, name, _in_repo(getattr(args, name)))
+    d = {name: run / name for name in ("cohort", "tensors", "summary", "sft", "dpo", "evaluation", "synthesis",
+                                       "embeddings", "completion", "compare", "pituning", "lightgbm", "report")}
+    cache = str(run / "teacher_cache")
+    threads = [] if not args.threads else None
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    env["TQDM_MININTERVAL"] = "10"  # progress bars: a line every 10 s in the logs, not every step
 
-    loaded = load_cohort(cohort_args.out_dir)
-    personas = read_ground_truth(cohort_args.out_dir)["persona"]
-    train = BehaviourTensors(tensor_args.out_dir, "train")
-    busiest = max(range(len(train)), key=lambda i: int(train[i]["x"][:-2].sum()))
-    example = {k: v.numpy() for k, v in train[busiest].items()}
-    summary = summarize(loaded.events, loaded.categories, dataset, example, run / "summary",
-                        personas=personas, load_report=loaded.report.to_dict())
-    print(pd.Series(summary["split_users"]).to_string())
-    print(f"summary: {run / 'summary' / 'summary.md'}")
-    return summary
+    def recipe(name: str, *argv) -> list[str]:
+        return [python, f"recipes/{name}.py", *map(str, argv)]
+
+    def opt(flag: str) -> list[str]:
+        return [] if threads is not None else [flag, str(args.threads)]
+
+    profile_data = ["--cohort_dir", d["cohort"], "--simulate_if_missing", "false", "--teacher_cache_dir", cache]
+    embeddings = d["embeddings"] / "user_embeddings.safetensors"
+    completion = ["--config", args.complete_config, "--data_path", d["tensors"], "--embeddings", embeddings,
+                  "--run_dir", d["completion"]]
+    out = [
+        Stage("cohort", [recipe("cohort", "--config", args.cohort_config, "--out_dir", d["cohort"], "--n_users",
+                                args.n_users, "--days", args.days, "--seed", args.seed)], d["cohort"],
+              configs=[args.cohort_config], outputs=[d["cohort"] / "App_usage_trace.txt"],
+              description="simulate a cohort in the Tsinghua App Usage format"),
+        Stage("tensors", [recipe("tensorize", "--config", args.tensorize_config, "--cohort_dir", d["cohort"],
+                                 "--out_dir", d["tensors"], "--seed", args.seed)], d["tensors"],
+              configs=[args.tensorize_config], inputs=[d["cohort"]], needs=["cohort"],
+              outputs=[d["tensors"] / "dataset.json"], description="load, validate and tensorize the cohort"),
+        Stage("summary", [recipe("cohort_summary", "--cohort_dir", d["cohort"], "--tensors_dir", d["tensors"],
+                                 "--out_dir", d["summary"])], d["summary"], inputs=[d["cohort"], d["tensors"]],
+              needs=["cohort", "tensors"], outputs=[d["summary"] / "summary.json"],
+              description="cohort summary and figures"),
+        Stage("sft", [recipe("sft", "--config", args.sft_config, *profile_data, "--output_dir", d["sft"],
+                             *opt("--cpu_threads"))], d["sft"], configs=[args.sft_config], inputs=[d["cohort"]],
+              needs=["cohort"], outputs=[d["sft"] / "adapter_model.safetensors"],
+              description="teacher profiles + SFT (CoT distillation) of the LoRA student"),
+        Stage("dpo", [recipe("dpo", "--config", args.dpo_config, *profile_data, "--sft_adapter", d["sft"],
+                             "--output_dir", d["dpo"], *opt("--cpu_threads"))], d["dpo"], configs=[args.dpo_config],
+              inputs=[d["cohort"], d["sft"]], needs=["sft"], outputs=[d["dpo"] / "adapter_model.safetensors"],
+              description="DPO (Eq. 27) on top of the SFT student"),
+        Stage("evaluate", [recipe("evaluate", "--config", args.evaluate_config, *profile_data, "--out_dir",
+                                  d["evaluation"], "--sft_adapter", d["sft"], "--dpo_adapter", d["dpo"],
+                                  *opt("--cpu_threads"))], d["evaluation"], configs=[args.evaluate_config],
+              inputs=[d["cohort"], d["sft"], d["dpo"]], needs=["sft", "dpo"],
+              outputs=[d["evaluation"] / "evaluation.json"],
+              description="student evaluation: before SFT / after SFT / after DPO"),
+        Stage("synthesis", [recipe("synthesize", cmd, "--config", args.synthesize_config, "--cohort_dir", d["cohort"],
+                                   "--output_dir", d["synthesis"]) for cmd in ("train", "generate", "report")],
+              d["synthesis"], configs=[args.synthesize_config], inputs=[d["cohort"]], needs=["cohort"],
+              requires=[ROOT / "recipes" / "synthesize.py", args.synthesize_config],
+              outputs=[d["synthesis"] / "report" / "fidelity.json"],
+              description="semantic-augmented synthetic cohort + fidelity report"),
+        Stage("embed", [recipe("embed", "--config", args.embed_config, *profile_data, "--out_dir", d["embeddings"])],
+              d["embeddings"], configs=[args.embed_config], inputs=[d["cohort"]], needs=["cohort"],
+              outputs=[embeddings], description="user embeddings h_u (Eq. 24)"),
+        Stage("completion", [recipe("complete", "train", *completion),
+                             recipe("complete", "evaluate", *completion, "--max_entities", 32)],
+              d["completion"], configs=[args.complete_config], inputs=[d["tensors"], embeddings],
+              needs=["tensors", "embed"], outputs=[d["completion"] / "eval_test.json"],
+              description="U-MASK + DiT training (Algorithm 1) and evaluation"),
+        Stage("compare", [recipe("compare", *completion, "--out_dir", d["compare"], *opt("--threads"))],
+              d["compare"], configs=[args.complete_config], inputs=[d["tensors"], embeddings, d["completion"]],
+              needs=["completion"], outputs=[d["compare"] / "comparison.json"],
+              description="short / long / cold-start completion vs baselines"),
+        Stage("pituning", [recipe("pituning", "--config", args.pituning_config, "--run_dir", d["pituning"],
+                                  *opt("--threads"))], d["pituning"], configs=[args.pituning_config],
+              outputs=[d["pituning"] / "report.json"], description="PITuning intent prediction"),
+        Stage("lightgbm", [recipe("intent_baselines", "--config", args.pituning_config, "--cohort_dir",
+                                  d["pituning"] / "cohort", "--out_dir", d["lightgbm"])], d["lightgbm"],
+              configs=[args.pituning_config], inputs=[d["pituning"] / "cohort"], needs=["pituning"],
+              outputs=[d["lightgbm"] / "lightgbm.json"], description="LightGBM intent baselines"),
+        Stage("report", [recipe("report", "--run_dir", run, "--out_dir", d["report"], "--demo_config",
+                                getattr(args, "config_path", "") or "")], d["report"],
+              inputs=[d[k] for k in d if k != "report"], outputs=[d["report"] / "index.html"], always=True,
+              description="one HTML page with every result"),
+    ]
+    for stage in out:
+        stage.env = {**env, **stage.env}
+    return out
+
+
+def main(args: DemoArguments) -> int:
+    pipeline = stages(args)
+    if args.list_stages:
+        for stage in pipeline:
+            print(f"{stage.name:<11} {stage.description}")
+            for command in stage.commands:
+                print("    " + " ".join(command[1:]))
+        return 0
+    try:
+        results = run_pipeline(pipeline, cwd=ROOT, only=args.only, start=args.from_stage, until=args.until,
+                               force=args.force,
+                               keep_going=args.keep_going, quiet=args.quiet,
+                               status_path=Path(args.run_dir) / "pipeline.json")
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    report = Path(args.run_dir) / "report" / "index.html"
+    if report.exists():
+        print(f"report: {report}")
+    failed = [r.name for r in results if r.status in ("failed", "blocked")]
+    if failed:
+        print(f"stages that did not finish: {', '.join(failed)} (see <stage>/stage.log); rerun the same command "
+              "to retry them", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def parse(argv: list[str]) -> DemoArguments:
+    argv = ["--from_stage" if a == "--from" else a for a in argv]
+    (args,) = TrlParser((DemoArguments,)).parse_args_and_config(argv)
+    if "--config" in argv:
+        args.config_path = argv[argv.index("--config") + 1]
+    return args
 
 
 if __name__ == "__main__":
-    (arguments,) = TrlParser((DemoArguments,)).parse_args_and_config()
-    main(arguments)
+    sys.exit(main(parse(sys.argv[1:])))

@@ -11,13 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from scope.io import atomic_path, write_json, write_text  # noqa: E402
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+from scope.io import save_figure, write_json, write_text  # noqa: E402
 
 
 def activity_figure(events: pd.DataFrame, group: pd.Series, path: Path) -> None:
@@ -36,7 +30,7 @@ def activity_figure(events: pd.DataFrame, group: pd.Series, path: Path) -> None:
     drawn = next((ax for ax in axes if ax.lines), axes[0])
     if drawn.lines:
         fig.legend(*drawn.get_legend_handles_labels(), loc="upper right", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def apps_figure(events: pd.DataFrame, group: pd.Series, categories: list[str], path: Path) -> None:
@@ -49,7 +43,7 @@ def apps_figure(events: pd.DataFrame, group: pd.Series, categories: list[str], p
     ax.set_xticks(range(len(categories)), categories, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(share)), share.index)
     fig.colorbar(im, ax=ax, label="share of records")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def tensor_figure(item: dict[str, np.ndarray], channels: list[str], path: Path, slot_minutes: int = 15) -> None:
@@ -68,7 +62,7 @@ def tensor_figure(item: dict[str, np.ndarray], channels: list[str], path: Path, 
     axes[2].imshow(available.reshape(T, H * W).any(1)[None], aspect="auto", cmap="RdYlGn", vmin=0, vmax=1,
                    extent=(0, hours[-1], 0, 1))
     axes[2].set(yticks=[], xlabel="hours since window start", title="available (green) / missing (red)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def summarize(events: pd.DataFrame, categories: list[str], dataset: dict, example: dict[str, np.ndarray],

@@ -56,6 +56,8 @@ class ProfileDataArguments:
     teacher_cache_dir: str = "runs/uscope/teacher_cache"
     max_teacher_failure_fraction: float = 0.1  # more failed users than this stops the run
     train_splits: list[str] = field(default_factory=lambda: ["train"])
+    synthetic_cohort_dir: str = ""             # a synthetic cohort (recipes/synthesize.py generate) to mix into training
+    synthetic_ratio: float = 0.0               # synthetic users added per real training user (0 = none)
 
 
 @dataclass
@@ -132,6 +134,8 @@ def build_corpus(args: ProfileDataArguments, teacher: Teacher | None = None, *, 
     results = run_teacher(teacher, [prompts[u] for u in order], TeacherCache(args.teacher_cache_dir))
     corpus = ProfileCorpus(cohort, clusters, split_of, stats, prompts, dict(zip(order, results)),
                            population_statistics(cohort.events, cohort.categories, clusters), teacher.name)
+    if args.synthetic_cohort_dir and args.synthetic_ratio > 0:
+        add_synthetic_users(corpus, args, teacher, builder)
     failures = corpus.failures()
     if report_dir is not None and failures:
         write_text(Path(report_dir) / "teacher_failures.jsonl",
@@ -144,3 +148,30 @@ def build_corpus(args: ProfileDataArguments, teacher: Teacher | None = None, *, 
     log.info("profiled %d users (%s), %d failed; splits %s", len(results), teacher.name, len(failures),
              {s: len(corpus.users(s)) for s in SPLITS})
     return corpus
+
+
+def add_synthetic_users(corpus: ProfileCorpus, args: ProfileDataArguments, teacher: Teacher,
+                        builder: PromptBuilder | None = None) -> list[int]:
+    """Augmentation (RQ5): add ``round(synthetic_ratio * #profiled train users)`` users of a synthetic
+    cohort (the lowest ids first), profiled by the same teacher, under split ``synthetic``. They are
+    never in val / test / cold; :func:`scope.sft.sft_dataset` adds them to ``train``."""
+    synthetic = load_cohort(args.synthetic_cohort_dir, strict=True)
+    if not synthetic.base_poi.index.equals(corpus.cohort.base_poi.index):
+        raise ValueError(f"synthetic cohort {args.synthetic_cohort_dir} has other base stations than {corpus.cohort.directory}: "
+                         "it was synthesised from another cohort")
+    clash = sorted(set(synthetic.user_ids.tolist()) & set(corpus.stats))
+    if clash:
+        raise ValueError(f"synthetic cohort {args.synthetic_cohort_dir} reuses real user ids (first: {clash[0]})")
+    n = round(args.synthetic_ratio * len(corpus.profiled("train")))
+    users = sorted(int(u) for u in synthetic.user_ids)[:n]
+    if n > len(users):
+        log.warning("synthetic_ratio %.2f asks for %d synthetic users, %s holds %d", args.synthetic_ratio, n,
+                    args.synthetic_cohort_dir, len(users))
+    stats = cohort_statistics(synthetic.events, synthetic.categories, corpus.clusters, user_ids=users)
+    builder = builder or PromptBuilder()
+    prompts = {u: builder(s) for u, s in stats.items()}
+    results = run_teacher(teacher, [prompts[u] for u in users], TeacherCache(args.teacher_cache_dir))
+    for u, r in zip(users, results):
+        corpus.stats[u], corpus.prompts[u], corpus.results[u], corpus.split_of[u] = stats[u], prompts[u], r, "synthetic"
+    log.info("added %d synthetic users from %s", len(users), args.synthetic_cohort_dir)
+    return users

@@ -29,8 +29,11 @@ def chat_example(prompt, profile_json: str, user_id: int) -> dict:
 
 
 def sft_dataset(corpus: ProfileCorpus, splits: list[str] | tuple[str, ...] = ("train",)) -> Dataset:
-    """Prompt-completion chat examples of the users of ``splits`` that have a teacher profile."""
+    """Prompt-completion chat examples of the users of ``splits`` that have a teacher profile (with
+    ``train``, also the corpus's ``synthetic`` users: ``ProfileDataArguments.synthetic_ratio``)."""
     users = corpus.profiled(*splits)
+    if "train" in splits and "synthetic" not in splits:   # augmentation: synthetic users join train only
+        users += corpus.profiled("synthetic")
     if not users:
         raise ValueError(f"no profiled users in splits {list(splits)}: the cohort is too small or the teacher failed")
     rows = [chat_example(corpus.prompts[u], corpus.results[u].profile.to_json(), u) for u in users]

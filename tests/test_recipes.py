@@ -65,9 +65,3 @@ def test_bad_trace_stops_tensorize_with_its_location_and_lenient_reports(tmp_pat
     report = json.loads((tmp_path / "t" / "load_report.json").read_text())
     assert report["rows_read"] == len(lines) and report["rows_kept"] == len(lines) - 1
 
-
-def test_demo_runs_the_data_stage_end_to_end(tmp_path):
-    summary = demo.main(demo.DemoArguments(run_dir=str(tmp_path), n_users=10, days=2))
-    assert summary["users"] == 10
-    for name in ("summary.md", "summary.json", "activity_by_group.png", "apps_by_group.png", "example_tensor.png"):
-        assert (tmp_path / "summary" / name).stat().st_size > 0

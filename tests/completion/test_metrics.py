@@ -69,3 +69,26 @@ def test_ranking_recall_ndcg_mrr_at_k():
     assert m["ndcg@3"] == pytest.approx((1 / math.log2(3)) / ideal_row1 / 2)
     ndcg5_row1 = (1 / math.log2(3) + 1 / math.log2(5)) / ideal_row1
     assert m["ndcg@5"] == pytest.approx((ndcg5_row1 + 1 / math.log2(6)) / 2)
+
+
+def test_js_divergence_bounds_and_a_hand_value():
+    from completion.metrics import js_divergence
+
+    assert js_divergence([1, 2, 3], [2, 4, 6]) == pytest.approx(0.0)   # normalised first
+    assert js_divergence([1, 0], [0, 1]) == pytest.approx(1.0)         # disjoint: 1 bit
+    # p = (1/2, 1/2), q = (1, 0): m = (3/4, 1/4); KL(p||m) = 1/2 log2(2/3) + 1/2 log2 2, KL(q||m) = log2(4/3)
+    expected = (0.5 * math.log2(2 / 3) + 0.5 + math.log2(4 / 3)) / 2
+    assert js_divergence([1, 1], [1, 0]) == pytest.approx(expected)
+    with pytest.raises(ValueError):
+        js_divergence([0, 0], [1, 1])
+
+
+def test_agreement_r_r2_and_errors():
+    from completion.metrics import agreement
+
+    perfect = agreement([0.1, 0.2, 0.3], [0.1, 0.2, 0.3])
+    assert perfect["pearson_r"] == pytest.approx(1) and perfect["r2_identity"] == pytest.approx(1) and perfect["mae"] == 0
+    scaled = agreement([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])   # perfectly correlated, but not on the identity line
+    assert scaled["r2"] == pytest.approx(1) and scaled["r2_identity"] == pytest.approx(1 - 14 / 2)
+    assert scaled["mae"] == pytest.approx(2) and scaled["rmse"] == pytest.approx(math.sqrt(14 / 3))
+    assert agreement([1, 2, 3], [3, 2, 1])["pearson_r"] == pytest.approx(-1)

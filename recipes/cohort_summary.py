@@ -1,0 +1,44 @@
+"""Summary of a cohort and its behaviour tensors: users per persona and split, figures (scope/cohort_report.py).
+
+    python recipes/cohort_summary.py --cohort_dir runs/demo/cohort --tensors_dir runs/demo/tensors \
+        --out_dir runs/demo/summary
+"""
+
+import sys
+from dataclasses import dataclass
+
+import pandas as pd
+from trl import TrlParser
+
+from completion.tensors import BehaviourTensors
+from scope.cohort_report import summarize
+from scope.simulate import read_ground_truth
+from scope.tsinghua import load_cohort
+
+
+@dataclass
+class SummaryArguments:
+    cohort_dir: str = "runs/default/cohort"
+    tensors_dir: str = "runs/default/tensors"
+    out_dir: str = "runs/default/summary"
+
+
+def main(args: SummaryArguments) -> dict:
+    loaded = load_cohort(args.cohort_dir)
+    try:
+        personas = read_ground_truth(args.cohort_dir)["persona"]
+    except FileNotFoundError:  # a real cohort has no simulator ground truth
+        personas = None
+    dataset = BehaviourTensors(args.tensors_dir, "train")
+    busiest = max(range(len(dataset)), key=lambda i: int(dataset[i]["x"][:-2].sum()))
+    example = {k: v.numpy() for k, v in dataset[busiest].items()}
+    summary = summarize(loaded.events, loaded.categories, dataset.meta, example, args.out_dir,
+                        personas=personas, load_report=loaded.report.to_dict())
+    print(pd.Series(summary["split_users"]).to_string())
+    print(f"summary: {args.out_dir}/summary.md")
+    return summary
+
+
+if __name__ == "__main__":
+    (arguments,) = TrlParser((SummaryArguments,)).parse_args_and_config(sys.argv[1:])
+    main(arguments)

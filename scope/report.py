@@ -1,0 +1,471 @@
+"""One self-contained HTML page per run: configuration, every results table and figure.
+
+`build_report(run_dir, out_dir)` reads what the stages of ``recipes/demo.py`` wrote under
+``run_dir`` (``<stage>/stage.json`` records, ``pipeline.json`` statuses, each stage's result files)
+and writes ``out_dir/index.html`` (figures embedded as base64 PNG, so the file can be mailed),
+``out_dir/report.json`` (the numbers shown) and the figures it draws itself (user clusters,
+training curves). Every section is built independently: a stage that failed, was not run or whose
+files are missing gives a clearly labelled "not available: <why>" box, never an exception. The
+page is rendered with the Jinja2 template ``scope/templates/report.html.jinja``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from scope.io import write_json, write_text
+
+log = logging.getLogger(__name__)
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+TEMPLATE = "report.html.jinja"
+
+
+class Missing(Exception):
+    """A section's inputs are not there; the message says why (shown to the reader)."""
+
+
+# --------------------------------------------------------------------------- blocks of a section
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    intro: str
+    blocks: list[dict] = field(default_factory=list)
+
+    def table(self, rows: list[dict], caption: str, columns: list[str] | None = None, first: str | None = None):
+        if not rows:
+            return self.missing(f"{caption.split('.')[0]}: no rows")
+        columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+        self.blocks.append({"kind": "table", "caption": caption, "columns": columns,
+                            "rows": [[(fmt(r.get(c)), _numeric(r.get(c))) for c in columns] for r in rows],
+                            "first": first})
+
+    def figure(self, path: str | Path, caption: str):
+        path = Path(path)
+        if not path.exists():
+            return self.missing(f"figure {path.name} was not written")
+        self.blocks.append({"kind": "figure", "caption": caption, "alt": caption.split(".")[0],
+                            "data": base64.b64encode(path.read_bytes()).decode()})
+
+    def text(self, text: str):
+        self.blocks.append({"kind": "text", "text": text})
+
+    def code(self, title: str, text: str):
+        self.blocks.append({"kind": "code", "title": title, "text": text})
+
+    def missing(self, why: str):
+        self.blocks.append({"kind": "missing", "why": why})
+
+
+def _numeric(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def fmt(value) -> str:
+    """Table cell text: 4 significant digits for floats, '–' for None / NaN."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.3g}"
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(fmt(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise Missing(f"{path.name} not found in {path.parent}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise Missing(f"{path} is not valid JSON ({err})") from err
+
+
+# --------------------------------------------------------------------------- the run
+
+@dataclass
+class Run:
+    """The run folder, its stage statuses and records."""
+
+    root: Path
+    status: dict[str, dict] = field(default_factory=dict)    # pipeline.json rows by stage
+    records: dict[str, dict] = field(default_factory=dict)   # stage.json by stage
+
+    @classmethod
+    def open(cls, root: str | Path) -> Run:
+        root = Path(root)
+        run = cls(root)
+        pipeline = root / "pipeline.json"
+        if pipeline.exists():
+            run.status = {r["stage"]: r for r in json.loads(pipeline.read_text()).get("stages", [])}
+        folders = {name: Path(r["folder"]) for name, r in run.status.items()}
+        for name, folder in folders.items():
+            if (folder / "stage.json").exists():
+                run.records[name] = json.loads((folder / "stage.json").read_text())
+        if not folders:  # no pipeline.json: take any <stage>/stage.json
+            for path in sorted(root.glob("*/stage.json")):
+                record = json.loads(path.read_text())
+                run.records[record.get("stage", path.parent.name)] = record
+        return run
+
+    def why_missing(self, stage: str) -> str:
+        """Why a stage's results are absent, in words."""
+        row = self.status.get(stage)
+        if row is None:
+            return f"stage '{stage}' is not part of this run"
+        status, detail = row.get("status"), row.get("detail") or ""
+        return {"failed": f"stage '{stage}' failed ({detail})",
+                "blocked": f"stage '{stage}' did not run: {detail} did not finish",
+                "unavailable": f"stage '{stage}' is not available here ({detail})",
+                "interrupted": f"stage '{stage}' was interrupted; rerun the main job to resume it",
+                "not run": f"stage '{stage}' has not run yet"}.get(status, f"stage '{stage}': {status} {detail}".strip())
+
+    def folder(self, stage: str, default: str) -> Path:
+        row = self.status.get(stage)
+        return Path(row["folder"]) if row else self.root / default
+
+
+def guarded(run: Run, section: Section, stage: str, build: Callable[[Section], None]) -> Section:
+    """Run ``build``; a Missing input or any error becomes a 'not available' box naming the reason."""
+    try:
+        build(section)
+    except Missing as err:
+        why = run.why_missing(stage) if run.status.get(stage, {}).get("status") not in ("done", "skipped", "recorded") \
+            else str(err)
+        section.missing(why if stage in run.status else str(err))
+    except Exception as err:  # noqa: BLE001 - a broken result file must not break the whole report
+        log.exception("report section %s", section.id)
+        section.missing(f"could not read the results of stage '{stage}': {type(err).__name__}: {err}")
+    return section
+
+
+# --------------------------------------------------------------------------- sections
+
+def section_run(run: Run, config_text: str | None) -> Section:
+    s = Section("run", "What was run",
+                "Each stage ran as its own process; a stage whose inputs and configuration did not change since its "
+                "last success was skipped and shows its recorded time.")
+    rows = []
+    for name, row in run.status.items():
+        record = run.records.get(name, {})
+        rows.append({"stage": name, "what it does": row.get("description", ""), "status": row.get("status"),
+                     "wall time (s)": row.get("wall_s") if row.get("wall_s") is not None else record.get("wall_s"),
+                     "CPU time (s)": row.get("cpu_s") if row.get("cpu_s") is not None else record.get("cpu_s"),
+                     "peak memory (MB)": row.get("peak_rss_mb") if row.get("peak_rss_mb") is not None
+                     else record.get("peak_rss_mb"),
+                     "finished at (UTC)": record.get("finished_at", "–")})
+    if not rows:
+        rows = [{"stage": n, "status": "recorded", "wall time (s)": r.get("wall_s"),
+                 "peak memory (MB)": r.get("peak_rss_mb"), "finished at (UTC)": r.get("finished_at")}
+                for n, r in run.records.items()]
+    s.table(rows, "Stages in order: status (done = ran now, skipped = up to date, failed / blocked / unavailable = "
+                  "see the section's box), wall time, CPU time (user + system, all threads: the work done, whatever the machine's "
+                  "load) and the peak resident memory of the stage's process tree.",
+            first="stage")
+    total = sum(r["wall time (s)"] or 0 for r in rows if isinstance(r.get("wall time (s)"), (int, float)))
+    s.text(f"Total recorded wall time {total / 60:.1f} min; largest peak memory "
+           f"{max([r['peak memory (MB)'] or 0 for r in rows] or [0]):,.0f} MB.")
+    record = next(iter(run.records.values()), None)
+    if record:
+        versions = {**record.get("versions", {}), "python": record.get("python"), "git commit": record.get("git_commit"),
+                    "platform": record.get("platform"), "CPU cores": record.get("cpu_count")}
+        s.table([{"package": k, "version": v} for k, v in versions.items()],
+                "Software versions recorded by the stages (package versions, the git commit of the code, the machine).",
+                first="package")
+    if config_text:
+        s.code("main job configuration (recipes/configs/demo.yaml)", config_text)
+    for name, record in run.records.items():
+        for path in record.get("configs", {}):
+            if Path(path).exists():
+                s.code(f"{name}: {Path(path).name}", Path(path).read_text())
+        if record.get("commands"):
+            s.code(f"{name}: command(s)", "\n".join(record["commands"]))
+    return s
+
+
+def section_cohort(run: Run) -> Section:
+    s = Section("cohort", "The cohort",
+                "The embedded default: a seeded simulator writes a cohort of smartphone users (personas such as "
+                "commuter or student) in the real Tsinghua App Usage format, which is read back through the validating "
+                "loader and cut into behaviour tensors.")
+
+    def build(s: Section):
+        folder = run.folder("summary", "summary")
+        summary = read_json(folder / "summary.json")
+        rows = [{"quantity": "users", "value": summary.get("users")},
+                {"quantity": "app-usage records", "value": summary.get("events")},
+                {"quantity": "days", "value": summary.get("days")},
+                {"quantity": "records per user (p10 / median / p90)", "value": summary.get("events_per_user")},
+                {"quantity": "behaviour tensors (windows)", "value": summary.get("windows")},
+                {"quantity": "tensor shape C x T x H x W", "value": summary.get("tensor_shape")},
+                {"quantity": "users per split", "value": summary.get("split_users")},
+                {"quantity": "records outside the spatial layout", "value": summary.get("events_outside_layout")}]
+        s.table(rows, "Size of the cohort and of its tensors (C = 20 app categories + presence + traffic, T = 192 "
+                      "quarter-hours = two days, H x W = the user's 16 most visited places).", first="quantity")
+        if summary.get("groups"):
+            s.table([{"persona": k, "users": v} for k, v in summary["groups"].items()],
+                    "Users per simulated persona (the ground truth the profiles and embeddings should recover).")
+        s.figure(folder / "activity_by_group.png", "Hour-of-day activity per persona: when each kind of user uses the phone.")
+        s.figure(folder / "apps_by_group.png", "App categories per persona: what each kind of user does on the phone.")
+        s.figure(folder / "example_tensor.png", "One behaviour tensor: app-category usage, presence and traffic over "
+                                                "two days and the user's places.")
+    return guarded(run, s, "summary", build)
+
+
+def section_student(run: Run) -> Section:
+    s = Section("student", "U-SCOPE: the profile student (SFT, DPO)",
+                "A small language model (the student) learns to answer a user's usage statistics with reasoning and a "
+                "structured profile; it is distilled from a teacher (SFT) and then aligned with preference pairs (DPO).")
+
+    def build_eval(s: Section):
+        rows = read_json(run.folder("evaluate", "evaluation") / "evaluation.json")
+        order = ["before SFT", "after SFT", "after DPO"]
+        table = [{"student": name, **{k: v for k, v in rows[name].items() if k != "user_ids"}}
+                 for name in order if name in rows]
+        s.table(table, "Student evaluation on held-out users: share of answers that are a valid profile "
+                       "(schema_valid), agreement of its fields with the teacher's, and whether its top-3 apps and "
+                       "places are the user's real top-3 (grounding@3); higher is better.", first="student")
+
+    def build_dpo(s: Section):
+        m = read_json(run.folder("dpo", "dpo") / "metrics.json")
+        keys = ["pairs", "pairs_by_kind", "beta", "train_reward_accuracy", "train_reward_margin", "train_loss",
+                "heldout_pairs", "heldout_reward_accuracy", "heldout_reward_margin", "heldout_loss", "wall_s"]
+        s.table([{"metric": k, "value": m.get(k)} for k in keys if k in m],
+                "DPO: reward accuracy is the share of preference pairs where the aligned student prefers the grounded "
+                "profile over the rejected one (0.5 = chance); the margin is how much more (in beta-scaled log-probability).",
+                first="metric")
+
+    def build_sft(s: Section):
+        m = read_json(run.folder("sft", "sft") / "metrics.json")
+        keys = ["train_users", "teacher", "teacher_failures", "train_loss", "train_runtime", "resumed_from", "wall_s"]
+        s.table([{"metric": k, "value": m.get(k)} for k in keys if k in m],
+                "SFT run: users the teacher profiled for training, the teacher, and the final training loss.",
+                first="metric")
+
+    guarded(run, s, "evaluate", build_eval)
+    guarded(run, s, "dpo", build_dpo)
+    guarded(run, s, "sft", build_sft)
+    return s
+
+
+def section_synthesis(run: Run) -> Section:
+    s = Section("synthesis", "U-SCOPE: synthetic cohort and its fidelity",
+                "A trace language model fine-tuned on the real users' app-location sequences generates synthetic users "
+                "under constrained decoding; fidelity compares the synthetic and the real app-location co-occurrence "
+                "(paper Fig. 5: R² = 0.906, r = 0.952), and utility trains a predictor on synthetic data and tests it on "
+                "real users (TSTR) against training on real data (TRTR).")
+
+    def build(s: Section):
+        folder = run.folder("synthesis", "synthesis") / "report"
+        f = read_json(folder / "fidelity.json")
+        scalars = {k: v for k, v in f.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        first = ["pearson_r", "r2", "mae", "rmse", "tstr_accuracy", "trtr_accuracy", "majority_accuracy"]
+        keys = [k for k in first if k in scalars] + [k for k in scalars if k not in first]
+        s.table([{"metric": k, "value": scalars[k]} for k in keys],
+                "Fidelity of the synthetic cohort: Pearson r and R² of the app-location co-occurrence (1 = identical), "
+                "its MAE / RMSE, Jensen-Shannon divergences of the marginals (0 = identical), and next-category accuracy "
+                "of a model trained on synthetic (TSTR) vs real (TRTR) traces, both tested on real users.", first="metric")
+        nested = {k: v for k, v in f.items() if isinstance(v, dict)}
+        for key, value in nested.items():
+            flat = {k: v for k, v in value.items() if not isinstance(v, (dict, list))}
+            if flat:
+                s.table([{"metric": k, "value": v} for k, v in flat.items()], f"{key}: details from fidelity.json.",
+                        first="metric")
+        pngs = sorted(folder.glob("*.png"))
+        if not pngs:
+            s.missing("the synthesis report wrote no figures")
+        for png in pngs:
+            name = png.stem.replace("_", " ")
+            caption = ("Difference heatmap of the app-location co-occurrence, synthetic minus real (white = equal)."
+                       if "heat" in png.stem else
+                       "Each point is one (app category, location cluster) pair: real vs synthetic co-occurrence; "
+                       "the diagonal is perfect fidelity." if "scatter" in png.stem else f"{name}.")
+            s.figure(png, caption)
+    return guarded(run, s, "synthesis", build)
+
+
+def section_embeddings(run: Run, out_dir: Path) -> tuple[Section, dict]:
+    s = Section("embeddings", "U-SCOPE: user embeddings h_u",
+                "Each user's profile text is encoded by a frozen Sentence-BERT and a small MLP into h_u (Eq. 24), the only "
+                "user-specific input of the completion model.")
+    figures: dict = {}
+
+    def build(s: Section):
+        from scope.embedding import load_user_embeddings
+        from scope.report_figures import user_cluster_figure
+        from scope.simulate import read_ground_truth
+
+        path = run.folder("embed", "embeddings") / "user_embeddings.safetensors"
+        if not path.exists():
+            raise Missing(f"{path.name} not found")
+        users, h = load_user_embeddings(path)
+        cohort = run.folder("cohort", "cohort")
+        try:
+            persona = read_ground_truth(cohort)["persona"]
+            labels = [str(persona.get(int(u), "unknown")) for u in users]
+            what = "simulated persona"
+        except FileNotFoundError:
+            labels, what = ["all users"] * len(users), "one group (no ground truth)"
+        figures["user_clusters"] = user_cluster_figure(h, labels, out_dir / "user_clusters.png",
+                                                       title=f"h_u of {len(users)} users by {what}")
+        s.figure(out_dir / "user_clusters.png",
+                 "User clusters: the users' embeddings projected on their two main directions (PCA), coloured by the "
+                 "persona the simulator gave them; well separated colours mean the profiles capture who the user is "
+                 "(silhouette in the title: 1 = perfectly separated, 0 = no structure).")
+    guarded(run, s, "embed", build)
+    return s, figures
+
+
+NAV = {"run": "What was run", "cohort": "Cohort", "student": "Student (SFT, DPO)", "synthesis": "Synthesis",
+       "embeddings": "User clusters", "completion": "Completion vs baselines", "pituning": "PITuning vs LightGBM",
+       "curves": "Training curves"}
+COMPARE_COLUMNS = ["method", "rmse_norm", "mae_norm", "rmse_apps", "mae_apps", "rmse_orig", "mae_orig", "recall@3",
+                   "ndcg@3"]
+TASK_TEXT = {
+    "short": "Short-term prediction (the next hour, 4 quarter-hours) on test users.",
+    "long": "Long-horizon forecasting (the next day, 96 quarter-hours) on test users.",
+    "cold": "Cold-start: users never seen in training, with only a few revealed entries; recall / NDCG @3 rank the "
+            "app categories the user actually used.",
+}
+
+
+def section_completion(run: Run, out_dir: Path) -> tuple[Section, dict]:
+    s = Section("completion", "U-MASK + DiT: completing behaviour tensors vs baselines",
+                "One diffusion transformer completes each user's behaviour tensor from evidence chosen per user and task "
+                "by U-MASK; every baseline reads the whole available history. Errors are on the hidden target entries "
+                "only: *_norm in standardised log units (mean over channels), *_apps in app records per quarter-hour (mean over "
+                "app categories; *_orig where no app channels exist); lower is better.")
+    curves: dict = {}
+
+    def build_compare(s: Section):
+        report = read_json(run.folder("compare", "compare") / "comparison.json")
+        for task, rows in report.get("tasks", {}).items():
+            if not rows:
+                s.missing(f"{task}: no users in the evaluated split")
+                continue
+            table = [{"method": m, **{k: v for k, v in r.items() if not isinstance(v, list)}} for m, r in rows.items()]
+            best = min(rows, key=lambda m: rows[m].get("rmse_norm", float("inf")))
+            s.table(table, f"{TASK_TEXT.get(task, task)} Best RMSE: {best}.",
+                    columns=[c for c in COMPARE_COLUMNS if any(c in r for r in table)], first="method")
+        for method, why in report.get("skipped", {}).items():
+            s.text(f"{method} was not scored: {why}")
+
+    def build_figures(s: Section):
+        folder = run.folder("completion", "completion")
+        if not (folder / "eval_test.json").exists():
+            raise Missing("eval_test.json not found")
+        s.figure(folder / "figures" / "masks_test.png",
+                 "Masks per task (paper Fig. 8): for each task, which time slots and places U-MASK reveals as evidence "
+                 "(share of users), the joint time x place mask, and how concentrated the mask values are.")
+        s.figure(folder / "figures" / "fpat_test.png",
+                 "Behaviour patterns (paper Fig. 9): the users' pattern features F_pat in 2-D, coloured by soft group and "
+                 "by the share of their history U-MASK reveals.")
+        from scope.report_figures import read_scalars
+        scalars = read_scalars(folder / "tb")
+        curves["U-MASK + DiT"] = {t.split("/", 1)[-1]: v for t, v in scalars.items()}
+
+    guarded(run, s, "compare", build_compare)
+    guarded(run, s, "completion", build_figures)
+    return s, curves
+
+
+def section_pituning(run: Run) -> Section:
+    s = Section("pituning", "PITuning: on-device intent prediction vs LightGBM",
+                "A pretrained language model tuned on the population is distilled into a small student, which forgets "
+                "intents irrelevant to a user (unlearning) and is fine-tuned per user; LightGBM on hand-made features is "
+                "the paper's baseline. Weighted (w) and macro (m) precision / recall and NDCG@3/5 over the individual "
+                "users' test points; higher is better.")
+    keys = ["prec_w", "rec_w", "prec_m", "rec_m", "ndcg3", "ndcg5"]
+
+    def build(s: Section):
+        rows = []
+        report = read_json(run.folder("pituning", "pituning") / "report.json")
+        rows += [{"method": m, **{k: v.get(k) for k in keys}} for m, v in report.get("metrics", {}).items()]
+        try:
+            lgb = read_json(run.folder("lightgbm", "lightgbm") / "lightgbm.json")
+            rows += [{"method": m, **{k: v.get(k) for k in keys}} for m, v in lgb.get("metrics", {}).items()]
+        except Missing:
+            s.missing(run.why_missing("lightgbm") if run.status.get("lightgbm", {}).get("status") not in
+                      ("done", "skipped", "recorded") else "lightgbm.json not found")
+        s.table(rows, "PITuning and its intermediate models against LightGBM per user and pooled.",
+                columns=["method", *keys], first="method")
+        s.text(f"Student: {fmt(report.get('student_params'))} parameters, {fmt(report.get('student_file_mb'))} MB per user, "
+               f"{fmt(report.get('student_ms_per_prediction'))} ms per prediction on CPU.")
+    return guarded(run, s, "pituning", build)
+
+
+def section_curves(run: Run, out_dir: Path, completion_curves: dict) -> Section:
+    s = Section("curves", "Training curves",
+                "Loss (and for DPO, reward accuracy / margin) per optimisation step of each trained model, from its "
+                "TensorBoard log.")
+    from scope.report_figures import read_scalars, training_curves_figure
+
+    curves = {}
+    wanted = {"sft": ("train/loss", "train/mean_token_accuracy"),
+              "dpo": ("train/loss", "train/rewards/accuracies", "train/rewards/margins")}
+    for stage, tags in wanted.items():
+        folder = run.folder(stage, stage)
+        scalars = read_scalars(folder / "runs") if (folder / "runs").exists() else {}
+        picked = {t.split("/", 1)[-1]: scalars[t] for t in tags if t in scalars}
+        if picked:
+            curves[stage.upper()] = picked
+    curves.update({k: {t: v for t, v in c.items() if t in ("loss", "L_rec", "rho")} for k, c in completion_curves.items()})
+    path = training_curves_figure(curves, out_dir / "training_curves.png")
+    if path is None:
+        s.missing("no training logs found (the SFT, DPO and completion stages have not run)")
+    else:
+        s.figure(path, "Training curves: each panel is one model's logged quantity against the optimisation step "
+                       "(a falling loss means the model is learning; rho is U-MASK's evidence budget).")
+    return s
+
+
+# --------------------------------------------------------------------------- the page
+
+def build_report(run_dir: str | Path, out_dir: str | Path, config_path: str | Path | None = None,
+                 title: str = "U-SCOPE / U-MASK toolchain: run report") -> Path:
+    """Write ``out_dir/index.html`` (+ report.json and figure PNGs) for the run in ``run_dir``."""
+    run = Run.open(run_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_text = Path(config_path).read_text() if config_path and Path(config_path).exists() else None
+    embeddings, cluster_figures = section_embeddings(run, out)
+    completion, completion_curves = section_completion(run, out)
+    try:
+        curves = section_curves(run, out, completion_curves)
+    except Exception as err:  # noqa: BLE001 - unreadable logs must not break the page
+        curves = Section("curves", "Training curves", "")
+        curves.missing(f"could not read the training logs: {type(err).__name__}: {err}")
+    sections = [section_run(run, config_text), section_cohort(run), section_student(run), section_synthesis(run),
+                embeddings, completion, section_pituning(run), curves]
+    statuses = {name: row.get("status") for name, row in run.status.items()}
+    env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=select_autoescape(["html", "jinja"]))
+    page = env.get_template(TEMPLATE).render(
+        nav=NAV, title=title, run_dir=str(Path(run_dir).resolve()), statuses=statuses, sections=sections,
+        generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        missing_count=sum(b["kind"] == "missing" for s in sections for b in s.blocks))
+    write_text(out / "index.html", page)
+    (out / "index.html").chmod(0o644)  # a page to share: readable by others
+    write_json(out / "report.json", {
+        "run_dir": str(run_dir), "statuses": statuses, "figures": cluster_figures,
+        "sections": {s.id: [{k: v for k, v in b.items() if k != "data"} for b in s.blocks] for s in sections}})
+    return out / "index.html"

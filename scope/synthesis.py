@@ -1,0 +1,500 @@
+"""Semantic-augmented synthesis (U-SCOPE section 5.2, Eq. 25): a trace LM learns
+``p(a_t, l_t | P_u, tau_t)`` from real users' serialised traces and generates synthetic users under
+the grammar constraint of :mod:`scope.traces`; the result is written as a Tsinghua-format cohort.
+
+Data. Each training example is one user-day (:class:`scope.traces.TraceWindow`): the prompt is a
+compact text of the user's teacher profile (:func:`conditioning_prompt`: persona, top app
+categories, places as location clusters, active period, peak hours) plus the weekday; the
+completion is the window's event lines, then the tokenizer's eos. Token ids are assembled from the
+grammar's own token sequences (:class:`scope.traces.GrammarTokens`), the loss is on the completion
+only, and training is TRL ``SFTTrainer`` + a peft LoRA (pre-tokenized ``input_ids`` +
+``completion_mask``). Training reads the windows back through the strict grammar parser from
+``model/train_traces.txt`` (or from a user-supplied ``traces_file``), so a grammar-violating
+training line stops the run with its line number.
+
+Generation. One sequence per (synthetic user, day), sampled in batches with
+:class:`scope.traces.TraceLogitsProcessor`: every line is well-formed, slots strictly increase,
+and only (app category, location cluster) pairs of the source user's history are permitted,
+unless the profile implies exploration (:func:`implies_exploration`: a ``traveller`` persona or
+``low`` regularity), which grants ``exploration_budget`` unseen-pair events per window. With
+``history_weight`` > 0 the LM is guided by the source user's own line counts per slot, category
+and (category, cluster) (:func:`attach_history_prior`, a product of experts in the processor):
+a short CPU fine-tune alone under-fits the per-user distributions. A user
+whose constraint permits no pair at all (an empty history) follows ``on_no_pairs``: ``population``
+(default: the pairs of the whole real cohort, recorded as ``fallback`` in ``profiles.jsonl``) or
+``error`` (:class:`NoPermittedPairsError`).
+
+Users are generated shard by shard (``shard_users`` per shard, ``shards/shard-NNNNN.jsonl``,
+each written atomically and seeded by its index), so an interrupted run resumes at the first
+missing shard and produces exactly the same cohort: no user twice, none missing. A plan file
+(``shards/plan.json``) refuses to mix shards of a different configuration.
+
+Writing back (:func:`events_from_windows`): a line of level ``tL`` becomes a number of records
+drawn in :func:`scope.traces.records_range`, at distinct seconds inside the slot; the app is one
+of the source user's apps of that category (else the cohort's), the base station one of the
+source user's stations of that cluster (else the cohort's), the bytes lognormal around the real
+cohort's per-category median; all from a generator seeded by ``(seed, user)``. The cohort
+directory gets the real cohort's metadata files, ``App_usage_trace.txt`` and ``profiles.jsonl``
+(one line per synthetic user: source user, profile, constraint, fallback); synthetic user ids are
+``synthetic_user_offset + source id``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from scope.corpus import ProfileCorpus, ProfileDataArguments
+from scope.io import atomic_path, write_json, write_text
+from scope.profiles import Profile
+from scope.traces import (GrammarTokens, TraceConstraint, TraceEvent, TraceGrammar, TraceLogitsProcessor,
+                          TraceWindow, history_pairs, records_range, windows_from_events)
+from scope.tsinghua import (APP2CATEGORY_FILE, BASE_COORDS_FILE, BASE_POI_FILE, CATEGORIES_FILE, TRACE_FILE)
+
+log = logging.getLogger(__name__)
+
+PROFILES_FILE = "profiles.jsonl"
+GRAMMAR_FILE = "grammar.json"
+TRAIN_TRACES_FILE = "train_traces.txt"
+
+
+class NoPermittedPairsError(ValueError):
+    """A user whose constraint permits no (app category, location cluster) pair (``on_no_pairs: error``)."""
+
+
+@dataclass
+class SynthesisArguments(ProfileDataArguments):
+    """Knobs of ``recipes/synthesize.py`` (besides trl's SFTConfig and ModelConfig)."""
+
+    slot_minutes: int = 60                     # one event line per active slot of this length (divides 1440)
+    traces_file: str = ""                      # train on this trace file instead of serialising the cohort
+    train_user_limit: int = 0                  # 0 = every profiled user of train_splits
+    generate_splits: list[str] = field(default_factory=lambda: ["train"])
+    generate_users: int = 20                   # source users (first by id); 0 = all of generate_splits
+    days_per_user: int = 2                     # generated days per synthetic user (from the cohort's first day)
+    generation_batch_size: int = 8
+    shard_users: int = 5                       # users per shard (the unit of resumption)
+    temperature: float = 1.0
+    history_weight: float = 1.0                # p ~ p_LM * p_history ** w over slots, categories, clusters (0 = LM only)
+    exploration_budget: int = 2                # unseen-pair events per window, when the profile implies exploration
+    on_no_pairs: str = "population"            # population | error
+    synthetic_user_offset: int = 100000
+    synthesis_seed: int = 0
+    max_new_tokens: int = 0                    # 0 = the grammar's bound (a full day of lines)
+    tstr_test_splits: list[str] = field(default_factory=lambda: ["val", "test"])
+    cpu_threads: int = 0                       # torch threads (0 = leave as is)
+    resume: bool = True
+
+    def __post_init__(self):
+        if self.on_no_pairs not in ("population", "error"):
+            raise ValueError(f"on_no_pairs must be 'population' or 'error', got {self.on_no_pairs!r}")
+        if self.days_per_user < 1 or self.shard_users < 1 or self.generation_batch_size < 1:
+            raise ValueError("days_per_user, shard_users and generation_batch_size must be >= 1")
+
+
+def grammar_of(corpus: ProfileCorpus, slot_minutes: int = 30) -> TraceGrammar:
+    return TraceGrammar(tuple(corpus.cohort.categories), len(corpus.clusters.names), slot_minutes)
+
+
+def save_grammar(grammar: TraceGrammar, path: str | Path) -> None:
+    write_json(path, {"categories": list(grammar.categories), "n_clusters": grammar.n_clusters,
+                      "slot_minutes": grammar.slot_minutes})
+
+
+def load_grammar(path: str | Path) -> TraceGrammar:
+    obj = json.loads(Path(path).read_text())
+    return TraceGrammar(tuple(obj["categories"]), int(obj["n_clusters"]), int(obj["slot_minutes"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Conditioning prompt and training data
+# --------------------------------------------------------------------------------------------
+
+def conditioning_prompt(profile: Profile | None, grammar: TraceGrammar, area_names: list[str], weekday: str) -> str:
+    """The compact profile text ``P_u`` and the day ``tau`` the trace LM is conditioned on."""
+    if profile is None:
+        body = "Persona: unknown."
+    else:
+        t = profile.temporal_regularities
+        apps = ", ".join(f"{a.category.replace(' ', '_')} {a.share_pct}%" for a in profile.app_preferences[:4]) or "none"
+        places = ", ".join(
+            f"{p.role} {grammar.cluster_token(area_names.index(p.area)) if p.area in area_names else 'c?'} {p.share_pct}%"
+            for p in profile.location_tendencies) or "none"
+        hours = ", ".join(str(h) for h in t.peak_hours) or "none"
+        body = (f"Persona: {profile.persona}. Apps: {apps}. Places: {places}. Active: {t.most_active_period}, "
+                f"peak hours {hours}, {t.week_pattern}, {t.regularity} regularity.")
+    return f"Synthetic app-usage day.\n{body}\nDay: {weekday}\n"
+
+
+def serialise_cohort(corpus: ProfileCorpus, users: list[int], grammar: TraceGrammar) -> list[TraceWindow]:
+    """The windows of these users' real events."""
+    events = corpus.cohort.events
+    events = events[events["user_id"].isin(users)]
+    return windows_from_events(events, corpus.clusters.of, grammar)
+
+
+def trace_examples(windows: list[TraceWindow], profiles: dict[int, Profile | None], tokens: GrammarTokens,
+                   area_names: list[str], max_length: int | None = None) -> list[dict]:
+    """Pre-tokenized prompt-completion examples (``input_ids`` + ``completion_mask``) of each window.
+
+    A window longer than ``max_length`` is cut at its last whole line that fits (eos dropped)."""
+    tokenizer, grammar = tokens.tokenizer, tokens.grammar
+    rows = []
+    for w in windows:
+        prompt = tokenizer(conditioning_prompt(profiles.get(w.user_id), grammar, area_names, w.weekday),
+                           add_special_tokens=False)["input_ids"]
+        completion = tokens.encode_events(w.events) + [tokens.eos]
+        if max_length is not None and len(prompt) + len(completion) > max_length:
+            lines, budget = [], max_length - len(prompt)
+            for e in w.events:
+                ids = tokens.encode_events([e])
+                if len(ids) > budget:
+                    break
+                lines += ids
+                budget -= len(ids)
+            completion = lines
+        if completion:
+            rows.append({"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Constraints of the users to synthesise
+# --------------------------------------------------------------------------------------------
+
+def implies_exploration(profile: Profile | None) -> bool:
+    """A profile that implies exploring new app-location pairs: a traveller, or low regularity."""
+    if profile is None:
+        return False
+    return "travel" in profile.persona.lower() or profile.temporal_regularities.regularity == "low"
+
+
+@dataclass
+class SynthesisRequest:
+    source_user_id: int
+    user_id: int
+    profile: Profile | None
+    constraint: TraceConstraint
+    dates: list[str]
+    fallback: str = ""
+
+
+def make_constraint(pairs: np.ndarray, profile: Profile | None, *, exploration_budget: int, on_no_pairs: str,
+                    population_pairs: np.ndarray, user_id: int) -> tuple[TraceConstraint, str]:
+    """The user's :class:`TraceConstraint` and the fallback used (``""`` if none)."""
+    budget = exploration_budget if implies_exploration(profile) else 0
+    if pairs.any():
+        return TraceConstraint(pairs, budget), ""
+    if on_no_pairs == "error":
+        raise NoPermittedPairsError(
+            f"user {user_id}: the history has no (app category, location cluster) pair, so the constraint permits "
+            "nothing (set on_no_pairs: population to use the whole cohort's pairs instead)")
+    if not population_pairs.any():
+        raise NoPermittedPairsError(f"user {user_id}: neither the user nor the cohort has any app-location pair")
+    return TraceConstraint(population_pairs, budget), "population"
+
+
+def attach_history_prior(constraint: TraceConstraint, windows: list[TraceWindow], grammar: TraceGrammar) -> TraceConstraint:
+    """The constraint with the user's line counts per slot, category and (category, cluster) as priors."""
+    slots, cats = np.zeros(grammar.slots_per_day), np.zeros(len(grammar.categories))
+    pairs = np.zeros((len(grammar.categories), grammar.n_clusters))
+    for w in windows:
+        for e in w.events:
+            slots[e.slot] += 1
+            cats[e.category] += 1
+            pairs[e.category, e.cluster] += 1
+    return TraceConstraint(constraint.pairs, constraint.exploration_budget, slot_counts=slots, category_counts=cats,
+                           pair_counts=pairs)
+
+
+def plan_requests(corpus: ProfileCorpus, args: SynthesisArguments, grammar: TraceGrammar,
+                  users: list[int] | None = None) -> list[SynthesisRequest]:
+    """One request per source user (default: the first ``generate_users`` profiled users of ``generate_splits``)."""
+    if users is None:
+        users = corpus.profiled(*args.generate_splits)
+        users = users[:args.generate_users] if args.generate_users else users
+    if not users:
+        raise ValueError(f"no profiled users in generate_splits {args.generate_splits} to synthesise from")
+    events = corpus.cohort.events
+    n_a, n_k = len(grammar.categories), grammar.n_clusters
+    population = history_pairs(events, corpus.clusters.of, n_a, n_k)
+    start = pd.Timestamp(events["timestamp"].min()).normalize()
+    dates = [(start + pd.Timedelta(days=d)).strftime("%Y-%m-%d") for d in range(args.days_per_user)]
+    groups = {int(u): g for u, g in events[events["user_id"].isin(users)].groupby("user_id")}
+    requests = []
+    for u in users:
+        result = corpus.results.get(u)
+        profile = result.profile if result is not None else None
+        history = groups.get(u, events.iloc[:0])
+        pairs = history_pairs(history, corpus.clusters.of, n_a, n_k)
+        constraint, fallback = make_constraint(pairs, profile, exploration_budget=args.exploration_budget,
+                                               on_no_pairs=args.on_no_pairs, population_pairs=population, user_id=u)
+        if not fallback:
+            constraint = attach_history_prior(constraint, windows_from_events(history, corpus.clusters.of, grammar), grammar)
+        if fallback:
+            log.warning("user %d: empty history, using the cohort's app-location pairs (%s fallback)", u, fallback)
+        requests.append(SynthesisRequest(u, args.synthetic_user_offset + u, profile, constraint, dates, fallback))
+    return requests
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+def default_max_new_tokens(tokens: GrammarTokens) -> int:
+    longest = sum(max(len(s) for s in f) for f in tokens.fields) + len(tokens.newline)
+    return tokens.grammar.slots_per_day * longest + 1
+
+
+@torch.no_grad()
+def sample_windows(model, tokens: GrammarTokens, prompts: list[str], constraints: list[TraceConstraint] | None, *,
+                   temperature: float = 1.0, max_new_tokens: int | None = None, history_weight: float = 0.0) -> tuple[list[str], int, float]:
+    """Sample one completion per prompt in one left-padded batch; ``constraints=None`` samples freely.
+
+    Returns the decoded completions, the number of generated tokens (up to and including each
+    row's eos) and the wall time."""
+    tokenizer = tokens.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    finally:
+        tokenizer.padding_side = side
+    kwargs = dict(max_new_tokens=max_new_tokens or default_max_new_tokens(tokens), do_sample=True, top_k=0, top_p=1.0,
+                  eos_token_id=tokens.eos, pad_token_id=tokenizer.pad_token_id)
+    if constraints is None:
+        kwargs["temperature"] = max(temperature, 1e-5)
+    else:
+        kwargs["temperature"] = 1.0   # the processor applies it after masking
+        kwargs["logits_processor"] = [TraceLogitsProcessor(tokens, constraints, temperature, history_weight)]
+    start = time.perf_counter()
+    out = model.generate(**batch, **kwargs)
+    wall = time.perf_counter() - start
+    new = out[:, batch["input_ids"].shape[1]:]
+    texts, n_tokens = [], 0
+    for row in new.tolist():
+        n = row.index(tokens.eos) + 1 if tokens.eos in row else len(row)
+        n_tokens += n
+        texts.append(tokenizer.decode(row[:n], skip_special_tokens=True))
+    return texts, n_tokens, wall
+
+
+def parse_generated(grammar: TraceGrammar, text: str) -> tuple[list[TraceEvent], int, int]:
+    """Events of a generated completion, lines total, lines well-formed. A line that breaks the grammar
+    (or the increasing slots) is counted and dropped; a last line without its newline (cut by
+    ``max_new_tokens``) is counted as not well-formed."""
+    lines = text.split("\n")
+    complete, tail = lines[:-1], lines[-1]
+    events, good = [], 0
+    for i, line in enumerate(complete, 1):
+        try:
+            e = grammar.parse_event(line, i)
+        except ValueError:
+            continue
+        if events and e.slot <= events[-1].slot:
+            continue
+        events.append(e)
+        good += 1
+    return events, len(complete) + (1 if tail.strip() else 0), good
+
+
+def _plan_key(requests: list[SynthesisRequest], settings: dict) -> str:
+    plan = {"users": [(r.source_user_id, r.user_id, r.dates, r.constraint.pairs.sum().item(),
+                       r.constraint.exploration_budget) for r in requests], **settings}
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+def generate_shards(model, tokens: GrammarTokens, requests: list[SynthesisRequest], area_names: list[str],
+                    shards_dir: str | Path, *, shard_users: int = 5, batch_size: int = 8, temperature: float = 1.0,
+                    seed: int = 0, max_new_tokens: int | None = None, stop_after_shards: int | None = None,
+                    progress: bool = True, history_weight: float = 0.0) -> dict:
+    """Generate every request's windows into ``shards_dir``, skipping shards already written.
+
+    ``stop_after_shards`` stops after writing that many new shards (what an interruption leaves)."""
+    shards_dir = Path(shards_dir)
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"shard_users": shard_users, "batch_size": batch_size, "temperature": temperature, "seed": seed,
+                "history_weight": history_weight,
+                "max_new_tokens": max_new_tokens, "grammar": asdict(tokens.grammar)}
+    key = _plan_key(requests, settings)
+    plan_path = shards_dir / "plan.json"
+    if plan_path.exists() and json.loads(plan_path.read_text())["key"] != key:
+        raise ValueError(f"{shards_dir} holds shards of a different synthesis plan (other users, seed or settings): "
+                         "remove it or choose another output_dir")
+    write_json(plan_path, {"key": key, "users": len(requests), **settings})
+    chunks = [requests[i:i + shard_users] for i in range(0, len(requests), shard_users)]
+    stats = {"shards": len(chunks), "shards_resumed": 0, "shards_written": 0, "tokens": 0, "generate_s": 0.0,
+             "lines": 0, "well_formed_lines": 0, "interrupted": False}
+    bar = tqdm(total=len(requests), desc="synthesising users", unit="user", disable=not progress)
+    with bar:
+        for index, chunk in enumerate(chunks):
+            path = shards_dir / f"shard-{index:05d}.jsonl"
+            if path.exists():
+                stats["shards_resumed"] += 1
+                bar.update(len(chunk))
+                continue
+            if stop_after_shards is not None and stats["shards_written"] >= stop_after_shards:
+                stats["interrupted"] = True
+                break
+            torch.manual_seed(seed * 100003 + index)
+            rows = [(r, d) for r in chunk for d in r.dates]
+            texts = []
+            for lo in range(0, len(rows), batch_size):
+                part = rows[lo:lo + batch_size]
+                prompts = [conditioning_prompt(r.profile, tokens.grammar, area_names, TraceWindow(0, d).weekday)
+                           for r, d in part]
+                out, n_tokens, wall = sample_windows(model, tokens, prompts, [r.constraint for r, _ in part],
+                                                     temperature=temperature, max_new_tokens=max_new_tokens,
+                                                     history_weight=history_weight)
+                texts += out
+                stats["tokens"] += n_tokens
+                stats["generate_s"] += wall
+            records, k = [], 0
+            for r in chunk:
+                windows = []
+                for d in r.dates:
+                    _, n_lines, n_good = parse_generated(tokens.grammar, texts[k])
+                    stats["lines"] += n_lines
+                    stats["well_formed_lines"] += n_good
+                    windows.append({"date": d, "text": texts[k]})
+                    k += 1
+                records.append({"user_id": r.user_id, "source_user_id": r.source_user_id, "windows": windows})
+            write_text(path, "".join(json.dumps(rec) + "\n" for rec in records))
+            stats["shards_written"] += 1
+            bar.update(len(chunk))
+    return stats
+
+
+def read_shards(shards_dir: str | Path, grammar: TraceGrammar) -> dict[int, list[TraceWindow]]:
+    """Every synthetic user's windows from the shard files (parsed under the grammar)."""
+    users: dict[int, list[TraceWindow]] = {}
+    for path in sorted(Path(shards_dir).glob("shard-*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["user_id"] in users:
+                raise ValueError(f"{path}: user {rec['user_id']} appears in two shards")
+            users[rec["user_id"]] = [TraceWindow(rec["user_id"], w["date"], parse_generated(grammar, w["text"])[0])
+                                     for w in rec["windows"]]
+    return users
+
+
+# --------------------------------------------------------------------------------------------
+# Windows -> Tsinghua-format records
+# --------------------------------------------------------------------------------------------
+
+class RecordPools:
+    """Where concrete apps, stations and byte counts of synthetic records come from (the real cohort)."""
+
+    def __init__(self, events: pd.DataFrame, cluster_of_location, app_category: pd.Series, base_ids: np.ndarray,
+                 n_categories: int):
+        events = events.assign(cluster=cluster_of_location(events["location_id"].to_numpy()))
+        self.user_apps = {k: g.value_counts() for k, g in events.groupby(["user_id", "app_category"])["app_id"]}
+        self.user_stations = {k: g.value_counts() for k, g in events.groupby(["user_id", "cluster"])["location_id"]}
+        self.cohort_apps = {int(k): g.value_counts() for k, g in events.groupby("app_category")["app_id"]}
+        self.cohort_stations = {int(k): g.value_counts() for k, g in events.groupby("cluster")["location_id"]}
+        self.catalogue_apps = {int(c): pd.Series(1, index=g.index) for c, g in app_category.groupby(app_category)}
+        stations = pd.Series(np.asarray(cluster_of_location(base_ids)), index=base_ids)
+        self.catalogue_stations = {int(k): pd.Series(1, index=g.index) for k, g in stations.groupby(stations)}
+        log_bytes = np.log(np.maximum(events["traffic_bytes"].to_numpy(np.float64), 1.0))
+        by_cat = pd.Series(log_bytes).groupby(events["app_category"].to_numpy())
+        overall = (float(np.mean(log_bytes)), float(np.std(log_bytes)) or 1.0)
+        self.byte_params = {c: (float(by_cat.mean().get(c, overall[0])), float(by_cat.std().fillna(overall[1]).get(c, overall[1])))
+                            for c in range(n_categories)}
+
+    @staticmethod
+    def _draw(pool: pd.Series, rng: np.random.Generator, size: int | None = None):
+        p = pool.to_numpy(np.float64)
+        return rng.choice(pool.index.to_numpy(), size=size, p=p / p.sum())
+
+    def _pool(self, user: int, key: int, own: dict, cohort: dict, catalogue: dict, what: str) -> pd.Series:
+        for source in (own.get((user, key)), cohort.get(key), catalogue.get(key)):
+            if source is not None and len(source):
+                return source
+        raise ValueError(f"no {what} {key} in the real cohort to write a synthetic record with")
+
+    def app(self, user, category, rng, size):
+        return self._draw(self._pool(user, category, self.user_apps, self.cohort_apps, self.catalogue_apps,
+                                     "app of category"), rng, size)
+
+    def station(self, user, cluster, rng):
+        return self._draw(self._pool(user, cluster, self.user_stations, self.cohort_stations, self.catalogue_stations,
+                                     "base station in cluster"), rng)
+
+    def traffic(self, category, rng, size):
+        mu, sd = self.byte_params[category]
+        return np.maximum(1, np.round(rng.lognormal(mu, sd, size))).astype(np.int64)
+
+
+def events_from_windows(user_id: int, source_user_id: int, windows: list[TraceWindow], grammar: TraceGrammar,
+                        pools: RecordPools, seed: int) -> pd.DataFrame:
+    """Tsinghua trace rows of one synthetic user (deterministic in ``seed`` and the user)."""
+    rng = np.random.default_rng([seed, source_user_id])
+    slot_s = grammar.slot_minutes * 60
+    rows = []
+    for w in windows:
+        day = pd.Timestamp(w.date)
+        for e in w.events:
+            lo, hi = records_range(e.level)
+            n = int(rng.integers(lo, hi + 1))
+            seconds = np.sort(rng.choice(slot_s, size=min(n, slot_s), replace=False)) + e.slot * slot_s
+            station = pools.station(source_user_id, e.cluster, rng)
+            apps = pools.app(source_user_id, e.category, rng, len(seconds))
+            traffic = pools.traffic(e.category, rng, len(seconds))
+            stamps = (day + pd.to_timedelta(seconds, unit="s")).strftime("%Y%m%d%H%M%S")
+            rows.append(pd.DataFrame({"user_id": user_id, "timestamp": stamps, "base_station_id": station,
+                                      "app_id": apps, "traffic_bytes": traffic}))
+    if not rows:
+        return pd.DataFrame(columns=["user_id", "timestamp", "base_station_id", "app_id", "traffic_bytes"])
+    return pd.concat(rows, ignore_index=True)
+
+
+def write_cohort(corpus: ProfileCorpus, requests: list[SynthesisRequest], shards_dir: str | Path,
+                 out_dir: str | Path, grammar: TraceGrammar, *, seed: int = 0) -> dict:
+    """Assemble the shards into a Tsinghua-format cohort directory (+ ``profiles.jsonl``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    windows = read_shards(shards_dir, grammar)
+    missing = [r.user_id for r in requests if r.user_id not in windows]
+    if missing:
+        raise ValueError(f"{len(missing)} synthetic users have no shard yet (first: {missing[0]}): run generate again")
+    real = corpus.cohort
+    for name in (CATEGORIES_FILE, APP2CATEGORY_FILE, BASE_POI_FILE, BASE_COORDS_FILE):
+        if (real.directory / name).exists():
+            shutil.copyfile(real.directory / name, out_dir / name)
+    pools = RecordPools(real.events, corpus.clusters.of, real.app_category, real.base_poi.index.to_numpy(),
+                        len(real.categories))
+    frames, empty_users = [], []
+    for r in sorted(requests, key=lambda r: r.user_id):
+        frame = events_from_windows(r.user_id, r.source_user_id, windows[r.user_id], grammar, pools, seed)
+        if frame.empty:
+            empty_users.append(r.user_id)
+        frames.append(frame)
+    trace = pd.concat(frames, ignore_index=True)
+    with atomic_path(out_dir / TRACE_FILE) as tmp:
+        trace.to_csv(tmp, sep=" ", header=False, index=False)
+    lines = []
+    for r in sorted(requests, key=lambda r: r.user_id):
+        lines.append(json.dumps({
+            "user_id": r.user_id, "source_user_id": r.source_user_id, "synthetic": True,
+            "profile": r.profile.model_dump(mode="json") if r.profile else None,
+            "profile_text": r.profile.to_text() if r.profile else "",
+            "permitted_pairs": int(r.constraint.pairs.sum()), "exploration_budget": r.constraint.exploration_budget,
+            "fallback": r.fallback, "days": len(r.dates), "events": int((trace["user_id"] == r.user_id).sum())}) + "\n")
+    write_text(out_dir / PROFILES_FILE, "".join(lines))
+    summary = {"users": len(requests), "records": len(trace), "users_without_records": empty_users}
+    write_json(out_dir / "synthesis.json", summary)
+    return summary
+
+
+def read_profiles(cohort_dir: str | Path) -> pd.DataFrame:
+    """``profiles.jsonl`` of a synthetic cohort, indexed by synthetic user id."""
+    return pd.read_json(Path(cohort_dir) / PROFILES_FILE, lines=True).set_index("user_id")
