@@ -23,10 +23,9 @@ from scope.corpus import ProfileDataArguments, build_corpus
 from scope.dpo import preference_dataset
 from scope.evaluation import generate_answers, held_out_metrics
 from scope.models import load_student, load_tokenizer
-from scope.sft import last_checkpoint, set_stop_token, write_model_card
+from scope.sft import set_stop_token, train_and_save, write_model_card
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "dpo_cpu.yaml"
-log = logging.getLogger("recipes.dpo")
 
 
 @dataclass
@@ -74,10 +73,7 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
     model.train()
     trainer = DPOTrainer(model=model, ref_model=None, args=training_args, train_dataset=train,
                          eval_dataset=held_out, processing_class=tokenizer, peft_config=get_peft_config(model_args))
-    resume = last_checkpoint(out) if script_args.resume else None
-    result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
+    result, resume = train_and_save(trainer, tokenizer, out, script_args.resume)
 
     history = trainer.state.log_history
     metrics = {"pairs": len(train), "pairs_by_kind": dict(zip(*_kinds(train))), "beta": training_args.beta,

@@ -23,10 +23,9 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, 
 from scope.corpus import ProfileDataArguments, build_corpus
 from scope.evaluation import held_out_metrics
 from scope.models import load_causal_lm, load_tokenizer
-from scope.sft import last_checkpoint, set_stop_token, sft_dataset, write_model_card
+from scope.sft import set_stop_token, sft_dataset, train_and_save, write_model_card
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft_cpu.yaml"
-log = logging.getLogger("recipes.sft")
 
 
 @dataclass
@@ -64,12 +63,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     stop = set_stop_token(model, tokenizer)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=val,
                          processing_class=tokenizer, peft_config=get_peft_config(model_args))
-    resume = last_checkpoint(out) if script_args.resume else None
-    if resume:
-        log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
+    result, resume = train_and_save(trainer, tokenizer, out, script_args.resume)
 
     metrics = {"train_users": len(train), "val_users": len(val) if val is not None else 0,
                "teacher": corpus.teacher_name, "teacher_failures": len(corpus.failures()),

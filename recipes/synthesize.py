@@ -30,7 +30,7 @@ from scope.corpus import build_corpus
 from scope.fidelity import fidelity_report
 from scope.io import write_json
 from scope.models import load_causal_lm, load_student, load_tokenizer
-from scope.sft import last_checkpoint, write_model_card
+from scope.sft import train_and_save, write_model_card
 from scope.synthesis import (GRAMMAR_FILE, TRAIN_TRACES_FILE, RecordPools, SynthesisArguments, events_from_windows,
                              generate_shards, grammar_of, load_grammar, plan_requests, read_profiles, save_grammar,
                              serialise_cohort, trace_examples, write_cohort)
@@ -81,12 +81,7 @@ def train(script_args: SynthesisArguments, training_args: SFTConfig, model_args:
     training_args.output_dir = str(model_dir)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=get_peft_config(model_args))
-    resume = last_checkpoint(model_dir) if script_args.resume else None
-    if resume:
-        log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
+    result, resume = train_and_save(trainer, tokenizer, model_dir, script_args.resume)
     save_grammar(grammar, model_dir / GRAMMAR_FILE)
     training_args.output_dir = str(out)
     lengths = [len(r["input_ids"]) for r in rows]

@@ -14,6 +14,7 @@ is therefore trained; the model's ``eos_token_id`` is set to it, so generation s
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from datasets import Dataset
 
 from scope.corpus import ProfileCorpus
 from scope.io import write_text
+
+log = logging.getLogger(__name__)
 
 
 def chat_example(prompt, profile_json: str, user_id: int) -> dict:
@@ -70,6 +73,18 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     folders = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)
                and (p / "trainer_state.json").exists()]
     return str(max(folders, key=lambda p: int(p.name.split("-")[1]))) if folders else None
+
+
+def train_and_save(trainer, tokenizer, out_dir: str | Path, resume: bool = True):
+    """Train (continuing from the newest checkpoint in ``out_dir`` when ``resume``), then save the
+    adapter and the tokenizer there. Returns the train output and the checkpoint resumed from."""
+    checkpoint = last_checkpoint(out_dir) if resume else None
+    if checkpoint:
+        log.info("resuming from %s", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return result, checkpoint
 
 
 def _plain(obj):
