@@ -1,17 +1,25 @@
-"""Synthesis benchmark (U-SCOPE section 5.2, Eq. 25-26) on the embedded simulated cohort: the CPU
-default recipe end to end (train the trace LM, generate, report), plus the throughput of
-constrained vs unconstrained sampling on the same prompts and the same model.
+"""Synthesis benchmark (U-SCOPE section 5.2, Eq. 25-26) on a simulated cohort: the CPU default
+recipe end to end (train the trace LM, generate, report), plus the throughput of constrained vs
+unconstrained sampling on the same prompts and the same model.
 
-    python -m benchmarks.synthesis [--threads 2 --work_dir runs/bench/synthesis --config recipes/configs/synthesize_cpu.yaml]
+    python -m benchmarks.synthesis [--users 100 --days 7 --generate_users 60 --threads 2 --work_dir runs/bench/synthesis]
+    # any other --key value goes to recipes/synthesize.py (e.g. --max_steps 200)
+
+The simulator writes two weeks of the same users; the recipe sees the first (the real cohort),
+the second is the *reference*: ``reference_pearson_r`` / ``reference_r2`` are the Eq. 26 agreement
+of that independent real week with the real one, i.e. what a perfect generator would score at
+this sample size (sampling noise alone keeps it below 1; it grows with the number of users).
 
 Last stdout line: one JSON object with ``pearson_r``, ``r2`` (Eq. 26 agreement of synthetic vs real
-``Corr(a, p)``; paper Fig. 5: r = 0.952, R^2 = 0.906), ``well_formed_rate`` (generated lines that
-parse under the grammar), ``constrained_tokens_per_s`` / ``unconstrained_tokens_per_s`` (one batch
-of ``generation_batch_size`` prompts, same seed; both count tokens up to each row's eos),
-``unconstrained_well_formed_rate`` (what the LM alone achieves), ``tstr_accuracy`` /
-``trtr_accuracy`` (next-app-category prediction, same real test users), ``hour_jsd``, ``app_jsd``,
-the ceiling of the grammar's coarsening and wall times per stage. Targets: r >= 0.95, R^2 >= 0.91,
-well-formed = 1.0, constrained >= 0.5 x unconstrained throughput.
+``Corr(a, p)``; paper Fig. 5: r = 0.952, R^2 = 0.906), the reference, ``dominant_pearson_r`` /
+``dominant_r2`` (the same generated lines written back with ``within_slot: dominant``),
+``well_formed_rate`` (generated lines that parse under the grammar), ``constrained_tokens_per_s`` /
+``unconstrained_tokens_per_s`` (one batch of ``generation_batch_size`` prompts, same seed; both
+count tokens up to each row's eos), ``unconstrained_well_formed_rate`` (what the LM alone
+achieves), ``tstr_accuracy`` / ``trtr_accuracy`` (next-app-category prediction, same real test
+users), ``hour_jsd``, ``app_jsd``, the ceiling of the grammar's coarsening and wall times per
+stage. Targets: r >= 0.95, R^2 >= 0.91, well-formed = 1.0, constrained >= 0.5 x unconstrained
+throughput.
 """
 
 import argparse
@@ -20,9 +28,11 @@ import shutil
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
-from benchmarks.common import emit, peak_rss_mb
+from benchmarks.common import RESULTS, emit, peak_rss_mb
+from scope.io import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--users", type=int, default=100, help="simulated users (two weeks are simulated, see above)")
+    parser.add_argument("--days", type=int, default=7, help="days of the real cohort (and of the reference)")
+    parser.add_argument("--generate_users", type=int, default=60, help="source users to synthesise (train split)")
     parser.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "synthesize_cpu.yaml"))
     parser.add_argument("--work_dir", default=str(ROOT / "runs" / "bench" / "synthesis"))
     parser.add_argument("--throughput_tokens", type=int, default=64, help="max new tokens of the throughput probe")
@@ -40,16 +53,20 @@ def main() -> dict:
 
     from recipes import synthesize
     from scope.corpus import build_corpus
+    from scope.fidelity import compare
     from scope.models import load_student, load_tokenizer
-    from scope.synthesis import load_grammar, parse_generated, plan_requests, sample_windows, conditioning_prompt
+    from scope.synthesis import (RecordPools, conditioning_prompt, events_from_windows, load_grammar, parse_generated,
+                                 plan_requests, read_profiles, read_shards, sample_windows)
     from scope.traces import GrammarTokens, TraceWindow
 
     work = Path(args.work_dir)
     stage = work / "stage"
     if stage.exists() and not args.keep:
         shutil.rmtree(stage)
-    argv = ["--config", args.config, "--cohort_dir", str(work / "cohort"), "--teacher_cache_dir", str(work / "teacher_cache"),
-            "--output_dir", str(stage), "--report_to", "none", "--cpu_threads", str(args.threads), *overrides]
+    cohort_dir, reference = two_week_cohort(work, args.users, args.days)
+    argv = ["--config", args.config, "--cohort_dir", str(cohort_dir), "--teacher_cache_dir", str(work / "teacher_cache"),
+            "--output_dir", str(stage), "--report_to", "none", "--cpu_threads", str(args.threads),
+            "--n_users", str(args.users), "--days", str(args.days), "--generate_users", str(args.generate_users), *overrides]
     figures, start = {}, time.perf_counter()
     for name in ("train", "generate", "report"):
         t0 = time.perf_counter()
@@ -73,12 +90,34 @@ def main() -> dict:
     if "vs_serialised_real" in report:
         figures["vs_serialised_real"] = {k: report["vs_serialised_real"][k] for k in ("pearson_r", "r2", "hour_jsd", "app_jsd")}
     figures["reused_stage"] = bool(args.keep)
+    (RESULTS / "figures").mkdir(parents=True, exist_ok=True)   # the report's figures, for the README
+    for png in (stage / "report").glob("*.png"):
+        shutil.copyfile(png, RESULTS / "figures" / f"synthesis_{png.name}")
+
+    # the reference (an independent real week of the same source users) and the dominant-pair write-back
+    _, script, training, model_args = synthesize.parse(["report", *argv])
+    corpus = build_corpus(script)
+    cohort, n_a = corpus.cohort, len(corpus.cohort.categories)
+    sources = sorted(int(u) for u in read_profiles(stage / "cohort")["source_user_id"])
+    real = cohort.events[cohort.events["user_id"].isin(sources)]
+    scores = compare(real, reference[reference["user_id"].isin(sources)], cohort.base_poi, n_a)
+    figures.update({"reference_pearson_r": scores["pearson_r"], "reference_r2": scores["r2"],
+                    "reference_records": scores["synthetic_records"], "real_records": scores["real_records"],
+                    "source_users": len(sources)})
+    grammar = load_grammar(stage / "model" / "grammar.json")
+    pools = RecordPools(cohort.events, corpus.clusters.of, cohort.app_category, cohort.base_poi.index.to_numpy(), n_a,
+                        grammar, within_slot="dominant")
+    offset = script.synthetic_user_offset
+    dominant = pd.concat([events_from_windows(u, u - offset, ws, grammar, pools, script.synthesis_seed)
+                          for u, ws in read_shards(stage / "cohort" / "shards", grammar).items()], ignore_index=True)
+    dominant = dominant.assign(app_category=cohort.app_category.reindex(dominant["app_id"].to_numpy()).to_numpy(),
+                               location_id=dominant["base_station_id"],
+                               timestamp=pd.to_datetime(dominant["timestamp"], format="%Y%m%d%H%M%S"))
+    scores = compare(real, dominant, cohort.base_poi, n_a)
+    figures.update({"dominant_pearson_r": scores["pearson_r"], "dominant_r2": scores["r2"]})
 
     # throughput: the same prompts and model, constrained vs free sampling (same seed, same token cap)
-    _, script, training, model_args = synthesize.parse(["generate", *argv])
-    corpus = build_corpus(script)
     model_dir = stage / "model"
-    grammar = load_grammar(model_dir / "grammar.json")
     tokens = GrammarTokens(grammar, load_tokenizer(str(model_dir)))
     model = load_student(model_args.model_name_or_path, [str(model_dir)])
     requests = plan_requests(corpus, script, grammar)[: script.generation_batch_size]
@@ -97,6 +136,27 @@ def main() -> dict:
     figures["unconstrained_well_formed_rate"] = round(runs["unconstrained"][1], 4)
     figures.update({"threads": args.threads, "peak_rss_mb": round(peak_rss_mb()), "load_avg_1m": os.getloadavg()[0]})
     return emit("synthesis", figures)
+
+
+def two_week_cohort(work: Path, users: int, days: int) -> tuple[Path, pd.DataFrame]:
+    """Simulate ``users`` x ``2 * days`` days; write the first ``days`` days as the real cohort
+    (once) and return its folder and the events of the other days (the reference week)."""
+    from scope.simulate import CohortConfig, simulate_cohort
+    from scope.tsinghua import TRACE_FILE, load_cohort
+
+    simulated, cohort = work / f"simulated-{users}x{2 * days}", work / f"cohort-{users}x{days}"
+    if not (simulated / TRACE_FILE).exists():
+        simulate_cohort(CohortConfig(n_users=users, days=2 * days), simulated, progress=False)
+    events = load_cohort(simulated).events
+    cut = events["timestamp"].min().normalize() + pd.Timedelta(days=days)
+    if not (cohort / TRACE_FILE).exists():
+        cohort.mkdir(parents=True, exist_ok=True)
+        for path in simulated.iterdir():
+            if path.name != TRACE_FILE:
+                shutil.copyfile(path, cohort / path.name)
+        trace = pd.read_csv(simulated / TRACE_FILE, sep=" ", header=None, dtype=str)
+        write_text(cohort / TRACE_FILE, trace[trace[1] < cut.strftime("%Y%m%d%H%M%S")].to_csv(sep=" ", header=False, index=False))
+    return cohort, events[events["timestamp"] >= cut]
 
 
 if __name__ == "__main__":

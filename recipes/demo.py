@@ -39,7 +39,7 @@ class DemoArguments:
     sft_config: str = "recipes/configs/demo_sft.yaml"
     dpo_config: str = "recipes/configs/demo_dpo.yaml"
     evaluate_config: str = "recipes/configs/demo_evaluate.yaml"
-    synthesize_config: str = "recipes/configs/synthesize_cpu.yaml"
+    synthesize_config: str = "recipes/configs/demo_synthesize.yaml"
     embed_config: str = "recipes/configs/demo_embed.yaml"
     complete_config: str = "recipes/configs/demo_complete.yaml"
     pituning_config: str = "recipes/configs/pituning_cpu.yaml"

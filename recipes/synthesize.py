@@ -31,9 +31,9 @@ from scope.fidelity import fidelity_report
 from scope.io import write_json
 from scope.models import load_causal_lm, load_student, load_tokenizer
 from scope.sft import train_and_save, write_model_card
-from scope.synthesis import (GRAMMAR_FILE, TRAIN_TRACES_FILE, RecordPools, SynthesisArguments, events_from_windows,
-                             generate_shards, grammar_of, load_grammar, plan_requests, read_profiles, save_grammar,
-                             serialise_cohort, trace_examples, write_cohort)
+from scope.synthesis import (GRAMMAR_FILE, TRAIN_TRACES_FILE, RecordPools, SynthesisArguments, check_output_dir,
+                             events_from_windows, generate_shards, grammar_of, load_grammar, plan_requests,
+                             read_profiles, save_grammar, serialise_cohort, trace_examples, write_cohort)
 from scope.traces import GrammarTokens, windows_from_events
 from scope.tsinghua import load_cohort
 
@@ -109,6 +109,7 @@ def generate(script_args: SynthesisArguments, training_args: SFTConfig, model_ar
     if not (model_dir / GRAMMAR_FILE).exists():
         raise FileNotFoundError(f"no trained trace LM in {model_dir}: run `recipes/synthesize.py train` first")
     corpus = build_corpus(script_args)
+    check_output_dir(corpus.cohort.directory, cohort_dir)
     grammar = load_grammar(model_dir / GRAMMAR_FILE)
     if grammar != grammar_of(corpus, grammar.slot_minutes):
         raise ValueError(f"the trace LM in {model_dir} was trained on other app categories / location clusters than "
@@ -127,7 +128,8 @@ def generate(script_args: SynthesisArguments, training_args: SFTConfig, model_ar
     stats["exploring_users"] = sum(r.constraint.exploration_budget > 0 for r in requests)
     if stats["interrupted"]:
         return stats
-    stats.update(write_cohort(corpus, requests, cohort_dir / "shards", cohort_dir, grammar, seed=script_args.synthesis_seed))
+    stats.update(write_cohort(corpus, requests, cohort_dir / "shards", cohort_dir, grammar, seed=script_args.synthesis_seed,
+                              within_slot=script_args.within_slot))
     load_cohort(cohort_dir, strict=True)   # every loader must accept it unchanged
     stats["well_formed_rate"] = stats["well_formed_lines"] / max(stats["lines"], 1)
     if stats["generate_s"] > 0:
@@ -156,7 +158,8 @@ def report(script_args: SynthesisArguments, training_args: SFTConfig, model_args
     test_users = [u for u in corpus.users(*script_args.tstr_test_splits) if u not in set(sources)]
     test_real = serialise_cohort(corpus, test_users, grammar)
     pools = RecordPools(real_events, corpus.clusters.of, corpus.cohort.app_category,
-                        corpus.cohort.base_poi.index.to_numpy(), len(corpus.cohort.categories))
+                        corpus.cohort.base_poi.index.to_numpy(), len(corpus.cohort.categories), grammar,
+                        script_args.within_slot)
     by_user: dict[int, list] = {}
     for w in train_real:
         by_user.setdefault(w.user_id, []).append(w)

@@ -29,14 +29,15 @@ each written atomically and seeded by its index), so an interrupted run resumes 
 missing shard and produces exactly the same cohort: no user twice, none missing. A plan file
 (``shards/plan.json``) refuses to mix shards of a different configuration.
 
-Writing back (:func:`events_from_windows`): a line of level ``tL`` becomes a number of records
-drawn in :func:`scope.traces.records_range`, at distinct seconds inside the slot; the app is one
-of the source user's apps of that category (else the cohort's), the base station one of the
-source user's stations of that cluster (else the cohort's), the bytes lognormal around the real
-cohort's per-category median; all from a generator seeded by ``(seed, user)``. The cohort
-directory gets the real cohort's metadata files, ``App_usage_trace.txt`` and ``profiles.jsonl``
-(one line per synthetic user: source user, profile, constraint, fallback); synthetic user ids are
-``synthetic_user_offset + source id``.
+Writing back (:func:`events_from_windows`, :class:`RecordPools`): a line becomes records at
+distinct seconds inside its slot, drawn from the source user's real slots (else the cohort's): as
+many records as one of the user's real slots of that level held, one station of the line's
+cluster, and (``within_slot: mixture``, default) app categories from the user's within-slot
+co-usage of slots dominated by the line's pair, since a line holds only its slot's dominant pair;
+then apps of those categories and lognormal byte counts. All is drawn from a generator seeded by
+``(seed, user)``. The cohort directory gets the real cohort's metadata files,
+``App_usage_trace.txt`` and ``profiles.jsonl`` (one line per synthetic user: source user, profile,
+constraint, fallback); synthetic user ids are ``synthetic_user_offset + source id``.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ from scope.corpus import ProfileCorpus, ProfileDataArguments
 from scope.io import atomic_path, write_json, write_text
 from scope.profiles import Profile
 from scope.traces import (GrammarTokens, TraceConstraint, TraceEvent, TraceGrammar, TraceLogitsProcessor,
-                          TraceWindow, history_pairs, records_range, windows_from_events)
+                          TraceWindow, history_pairs, level_of, records_range, slot_records,
+                          windows_from_events)
 from scope.tsinghua import (APP2CATEGORY_FILE, BASE_COORDS_FILE, BASE_POI_FILE, CATEGORIES_FILE, TRACE_FILE)
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ log = logging.getLogger(__name__)
 PROFILES_FILE = "profiles.jsonl"
 GRAMMAR_FILE = "grammar.json"
 TRAIN_TRACES_FILE = "train_traces.txt"
+WITHIN_SLOT = ("mixture", "dominant")       # how a line's records get their app categories (RecordPools)
 
 
 class NoPermittedPairsError(ValueError):
@@ -81,7 +84,8 @@ class SynthesisArguments(ProfileDataArguments):
     train_user_limit: int = 0                  # 0 = every profiled user of train_splits
     generate_splits: list[str] = field(default_factory=lambda: ["train"])
     generate_users: int = 20                   # source users (first by id); 0 = all of generate_splits
-    days_per_user: int = 2                     # generated days per synthetic user (from the cohort's first day)
+    days_per_user: int = 0                     # days per synthetic user from the cohort's first (0 = as many as the cohort)
+    within_slot: str = "mixture"               # write-back of a line's records: mixture (user's co-usage) | dominant
     generation_batch_size: int = 8
     shard_users: int = 5                       # users per shard (the unit of resumption)
     temperature: float = 1.0
@@ -96,10 +100,12 @@ class SynthesisArguments(ProfileDataArguments):
     resume: bool = True
 
     def __post_init__(self):
+        if self.within_slot not in WITHIN_SLOT:
+            raise ValueError(f"within_slot must be one of {WITHIN_SLOT}, got {self.within_slot!r}")
         if self.on_no_pairs not in ("population", "error"):
             raise ValueError(f"on_no_pairs must be 'population' or 'error', got {self.on_no_pairs!r}")
-        if self.days_per_user < 1 or self.shard_users < 1 or self.generation_batch_size < 1:
-            raise ValueError("days_per_user, shard_users and generation_batch_size must be >= 1")
+        if self.days_per_user < 0 or self.shard_users < 1 or self.generation_batch_size < 1:
+            raise ValueError("days_per_user must be >= 0, shard_users and generation_batch_size >= 1")
 
 
 def grammar_of(corpus: ProfileCorpus, slot_minutes: int = 30) -> TraceGrammar:
@@ -229,7 +235,8 @@ def plan_requests(corpus: ProfileCorpus, args: SynthesisArguments, grammar: Trac
     n_a, n_k = len(grammar.categories), grammar.n_clusters
     population = history_pairs(events, corpus.clusters.of, n_a, n_k)
     start = pd.Timestamp(events["timestamp"].min()).normalize()
-    dates = [(start + pd.Timedelta(days=d)).strftime("%Y-%m-%d") for d in range(args.days_per_user)]
+    days = args.days_per_user or (pd.Timestamp(events["timestamp"].max()).normalize() - start).days + 1
+    dates = [(start + pd.Timedelta(days=d)).strftime("%Y-%m-%d") for d in range(days)]
     groups = {int(u): g for u, g in events[events["user_id"].isin(users)].groupby("user_id")}
     requests = []
     for u in users:
@@ -392,10 +399,26 @@ def read_shards(shards_dir: str | Path, grammar: TraceGrammar) -> dict[int, list
 # --------------------------------------------------------------------------------------------
 
 class RecordPools:
-    """Where concrete apps, stations and byte counts of synthetic records come from (the real cohort)."""
+    """Where the records of a synthetic line come from: the real cohort's empirical distributions.
+
+    A generated line says what dominated a slot: (app category ``a``, location cluster ``k``) and
+    the level of its record count. Writing it back draws, for the source user (falling back to
+    the cohort, then to the catalogue):
+
+    - the number of records from the user's record counts of real slots at that level;
+    - one base station of cluster ``k`` (the user is at one place in a slot);
+    - with ``within_slot="mixture"`` (default) each record's app category from the categories of
+      the records in the user's real slots dominated by ``(a, k)`` (within-slot co-usage: the
+      line holds the slot's dominant pair only, the rest of the slot is decoded from it); with
+      ``"dominant"`` every record gets category ``a``;
+    - an app of the record's category and a byte count, lognormal around the category's median.
+    """
 
     def __init__(self, events: pd.DataFrame, cluster_of_location, app_category: pd.Series, base_ids: np.ndarray,
-                 n_categories: int):
+                 n_categories: int, grammar: TraceGrammar, within_slot: str = "mixture"):
+        if within_slot not in WITHIN_SLOT:
+            raise ValueError(f"within_slot must be one of {WITHIN_SLOT}, got {within_slot!r}")
+        self.within_slot = within_slot
         events = events.assign(cluster=cluster_of_location(events["location_id"].to_numpy()))
         self.user_apps = {k: g.value_counts() for k, g in events.groupby(["user_id", "app_category"])["app_id"]}
         self.user_stations = {k: g.value_counts() for k, g in events.groupby(["user_id", "cluster"])["location_id"]}
@@ -409,25 +432,50 @@ class RecordPools:
         overall = (float(np.mean(log_bytes)), float(np.std(log_bytes)) or 1.0)
         self.byte_params = {c: (float(by_cat.mean().get(c, overall[0])), float(by_cat.std().fillna(overall[1]).get(c, overall[1])))
                             for c in range(n_categories)}
+        slots = slot_records(events, cluster_of_location, grammar)
+        dominant = ["dominant_category", "dominant_cluster"]
+        self.user_mix = {k: g.value_counts() for k, g in slots.groupby(["user_id", *dominant])["category"]}
+        self.cohort_mix = {k: g.value_counts() for k, g in slots.groupby(dominant)["category"]}
+        counts = slots.drop_duplicates(["user_id", "date", "slot"])
+        counts = counts.assign(level=level_of(counts["records"].to_numpy(np.int64)))
+        self.user_counts = {k: g.value_counts() for k, g in counts.groupby(["user_id", "level"])["records"]}
+        self.cohort_counts = {int(k): g.value_counts() for k, g in counts.groupby("level")["records"]}
 
     @staticmethod
     def _draw(pool: pd.Series, rng: np.random.Generator, size: int | None = None):
         p = pool.to_numpy(np.float64)
         return rng.choice(pool.index.to_numpy(), size=size, p=p / p.sum())
 
-    def _pool(self, user: int, key: int, own: dict, cohort: dict, catalogue: dict, what: str) -> pd.Series:
-        for source in (own.get((user, key)), cohort.get(key), catalogue.get(key)):
+    @staticmethod
+    def _pool(user: int, key, own: dict, cohort: dict, catalogue: dict | None = None) -> pd.Series | None:
+        for source in (own.get((user, *np.atleast_1d(key).tolist())), cohort.get(key),
+                       catalogue.get(key) if catalogue is not None else None):
             if source is not None and len(source):
                 return source
-        raise ValueError(f"no {what} {key} in the real cohort to write a synthetic record with")
+        return None
+
+    def records(self, user: int, level: int, rng: np.random.Generator) -> int:
+        pool = self._pool(user, level, self.user_counts, self.cohort_counts)
+        if pool is None:
+            lo, hi = records_range(level)
+            return int(rng.integers(lo, hi + 1))
+        return int(self._draw(pool, rng))
+
+    def categories(self, user: int, category: int, cluster: int, rng: np.random.Generator, size: int) -> np.ndarray:
+        pool = self._pool(user, (category, cluster), self.user_mix, self.cohort_mix) if self.within_slot == "mixture" else None
+        return np.full(size, category) if pool is None else self._draw(pool, rng, size).astype(np.int64)
 
     def app(self, user, category, rng, size):
-        return self._draw(self._pool(user, category, self.user_apps, self.cohort_apps, self.catalogue_apps,
-                                     "app of category"), rng, size)
+        pool = self._pool(user, category, self.user_apps, self.cohort_apps, self.catalogue_apps)
+        if pool is None:
+            raise ValueError(f"no app of category {category} in the real cohort to write a synthetic record with")
+        return self._draw(pool, rng, size)
 
     def station(self, user, cluster, rng):
-        return self._draw(self._pool(user, cluster, self.user_stations, self.cohort_stations, self.catalogue_stations,
-                                     "base station in cluster"), rng)
+        pool = self._pool(user, cluster, self.user_stations, self.cohort_stations, self.catalogue_stations)
+        if pool is None:
+            raise ValueError(f"no base station in cluster {cluster} in the real cohort to write a synthetic record with")
+        return self._draw(pool, rng)
 
     def traffic(self, category, rng, size):
         mu, sd = self.byte_params[category]
@@ -436,19 +484,22 @@ class RecordPools:
 
 def events_from_windows(user_id: int, source_user_id: int, windows: list[TraceWindow], grammar: TraceGrammar,
                         pools: RecordPools, seed: int) -> pd.DataFrame:
-    """Tsinghua trace rows of one synthetic user (deterministic in ``seed`` and the user)."""
+    """Tsinghua trace rows of one synthetic user (deterministic in ``seed`` and the user; see :class:`RecordPools`)."""
     rng = np.random.default_rng([seed, source_user_id])
     slot_s = grammar.slot_minutes * 60
     rows = []
     for w in windows:
         day = pd.Timestamp(w.date)
         for e in w.events:
-            lo, hi = records_range(e.level)
-            n = int(rng.integers(lo, hi + 1))
-            seconds = np.sort(rng.choice(slot_s, size=min(n, slot_s), replace=False)) + e.slot * slot_s
+            n = min(pools.records(source_user_id, e.level, rng), slot_s)
+            seconds = np.sort(rng.choice(slot_s, size=n, replace=False)) + e.slot * slot_s
             station = pools.station(source_user_id, e.cluster, rng)
-            apps = pools.app(source_user_id, e.category, rng, len(seconds))
-            traffic = pools.traffic(e.category, rng, len(seconds))
+            categories = pools.categories(source_user_id, e.category, e.cluster, rng, n)
+            apps, traffic = np.empty(n, np.int64), np.empty(n, np.int64)
+            for c in np.unique(categories):
+                at = categories == c
+                apps[at] = pools.app(source_user_id, int(c), rng, int(at.sum()))
+                traffic[at] = pools.traffic(int(c), rng, int(at.sum()))
             stamps = (day + pd.to_timedelta(seconds, unit="s")).strftime("%Y%m%d%H%M%S")
             rows.append(pd.DataFrame({"user_id": user_id, "timestamp": stamps, "base_station_id": station,
                                       "app_id": apps, "traffic_bytes": traffic}))
@@ -457,9 +508,17 @@ def events_from_windows(user_id: int, source_user_id: int, windows: list[TraceWi
     return pd.concat(rows, ignore_index=True)
 
 
+def check_output_dir(real_dir: str | Path, out_dir: str | Path) -> None:
+    """Refuse to write a synthetic cohort into the real cohort's folder (it would overwrite its trace)."""
+    if Path(out_dir).resolve() == Path(real_dir).resolve():
+        raise ValueError(f"the synthetic cohort would be written into the real cohort {real_dir}: choose an "
+                         "output_dir whose cohort/ folder is not the real cohort_dir")
+
+
 def write_cohort(corpus: ProfileCorpus, requests: list[SynthesisRequest], shards_dir: str | Path,
-                 out_dir: str | Path, grammar: TraceGrammar, *, seed: int = 0) -> dict:
+                 out_dir: str | Path, grammar: TraceGrammar, *, seed: int = 0, within_slot: str = "mixture") -> dict:
     """Assemble the shards into a Tsinghua-format cohort directory (+ ``profiles.jsonl``)."""
+    check_output_dir(corpus.cohort.directory, out_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     windows = read_shards(shards_dir, grammar)
@@ -471,7 +530,7 @@ def write_cohort(corpus: ProfileCorpus, requests: list[SynthesisRequest], shards
         if (real.directory / name).exists():
             shutil.copyfile(real.directory / name, out_dir / name)
     pools = RecordPools(real.events, corpus.clusters.of, real.app_category, real.base_poi.index.to_numpy(),
-                        len(real.categories))
+                        len(real.categories), grammar, within_slot)
     frames, empty_users = [], []
     for r in sorted(requests, key=lambda r: r.user_id):
         frame = events_from_windows(r.user_id, r.source_user_id, windows[r.user_id], grammar, pools, seed)

@@ -35,8 +35,10 @@ pair never seen in the user's history is permitted only while the user's explora
 lasts (:class:`TraceConstraint`). Optionally (``history_weight`` > 0) the LM's scores are
 multiplied by the user's own history prior over slots, categories and clusters-given-category,
 ``p ~ p_LM * p_hist ** history_weight`` (a product of experts, smoothed with half a count per
-value, so every permitted value stays possible). The trie walk costs a few dictionary look-ups per sequence and
-step, far less than the LM forward pass (``benchmarks/synthesis.py`` measures both throughputs).
+value, so every permitted value stays possible); the prior only moves probability among the ways
+to go on, so the chance of ending the window (eos) stays the LM's. The trie walk costs a few
+dictionary look-ups per sequence and step, far less than the LM forward pass
+(``benchmarks/synthesis.py`` measures both throughputs).
 """
 
 from __future__ import annotations
@@ -221,12 +223,16 @@ class TraceGrammar:
 # Events -> windows (the serialisation of a real cohort)
 # --------------------------------------------------------------------------------------------
 
-def windows_from_events(events: pd.DataFrame, cluster_of_location, grammar: TraceGrammar) -> list[TraceWindow]:
-    """Aggregate validated events into user-day windows: one line per active slot, holding the slot's
-    most frequent (app category, location cluster) pair (ties: the pair seen first) and the level of
-    its record count. Records at stations without a cluster are ignored."""
+def slot_records(events: pd.DataFrame, cluster_of_location, grammar: TraceGrammar) -> pd.DataFrame:
+    """Every record at a clustered station with its slot and its slot's dominant pair.
+
+    Columns: ``user_id, date, slot, category, cluster`` of the record, then ``dominant_category``,
+    ``dominant_cluster`` (the slot's most frequent (app category, location cluster) pair; ties: the
+    pair seen first) and ``records`` (how many records the slot holds). Records at stations without
+    a cluster are left out."""
+    columns = ["user_id", "date", "slot", "category", "cluster", "dominant_category", "dominant_cluster", "records"]
     if not len(events):
-        return []
+        return pd.DataFrame(columns=columns)
     cluster = np.asarray(cluster_of_location(events["location_id"].to_numpy()), np.int64)
     t = pd.DatetimeIndex(events["timestamp"])
     frame = pd.DataFrame({
@@ -237,13 +243,23 @@ def windows_from_events(events: pd.DataFrame, cluster_of_location, grammar: Trac
     keys = ["user_id", "date", "slot"]
     pairs = frame.groupby(keys + ["category", "cluster"], sort=False).size().rename("n").reset_index()
     pairs = pairs.sort_values(keys + ["n"], ascending=[True, True, True, False], kind="stable")
-    dominant = pairs.drop_duplicates(keys, keep="first").set_index(keys)
-    records = frame.groupby(keys).size()
-    dominant["level"] = level_of(records.reindex(dominant.index).to_numpy())
+    dominant = pairs.drop_duplicates(keys, keep="first").set_index(keys)[["category", "cluster"]]
+    dominant.columns = ["dominant_category", "dominant_cluster"]
+    dominant["records"] = frame.groupby(keys).size().reindex(dominant.index)
+    return frame.join(dominant, on=keys)[columns]
+
+
+def windows_from_events(events: pd.DataFrame, cluster_of_location, grammar: TraceGrammar) -> list[TraceWindow]:
+    """Aggregate validated events into user-day windows: one line per active slot, holding the slot's
+    dominant (app category, location cluster) pair and the level of its record count
+    (:func:`slot_records`)."""
+    slots = slot_records(events, cluster_of_location, grammar).drop_duplicates(["user_id", "date", "slot"])
+    slots = slots.sort_values(["user_id", "date", "slot"], kind="stable")
+    slots = slots.assign(level=level_of(slots["records"].to_numpy(np.int64)))
     windows = []
-    for (user, date), g in dominant.groupby(level=[0, 1], sort=True):
-        evs = [TraceEvent(int(s), int(c), int(k), int(v))
-               for s, c, k, v in zip(g.index.get_level_values(2), g["category"], g["cluster"], g["level"])]
+    for (user, date), g in slots.groupby(["user_id", "date"], sort=True):
+        evs = [TraceEvent(int(s), int(c), int(k), int(v)) for s, c, k, v in
+               zip(g["slot"], g["dominant_category"], g["dominant_cluster"], g["level"])]
         windows.append(TraceWindow(int(user), date.strftime("%Y-%m-%d"), evs))
     return windows
 
@@ -408,7 +424,8 @@ class TraceLogitsProcessor:
 
     def log_prior(self, s: _State, allowed: list[int]) -> np.ndarray | None:
         """``log`` of the history prior mass of the permitted values behind each allowed token
-        (a product of experts with the LM: ``p ~ p_LM * p_hist ** history_weight``)."""
+        (a product of experts with the LM: ``p ~ p_LM * p_hist ** history_weight``); ``0`` for eos,
+        whose probability :meth:`__call__` keeps at the LM's own."""
         prior = self._prior(s) if self.history_weight and not s.done else None
         if prior is None:
             return None
@@ -419,8 +436,6 @@ class TraceLogitsProcessor:
             child = node.children.get(t)
             if child is not None:
                 out[i] = np.log(sum(prior[v] for v in child.values if mask >> v & 1) + 1e-12)
-            elif t == self.tokens.eos:   # ending is neutral: as likely as continuing under the prior
-                out[i] = np.log(sum(prior[v] for v in node.values if mask >> v & 1) + 1e-12)
         return out
 
     def advance(self, s: _State, token: int) -> None:
@@ -456,9 +471,15 @@ class TraceLogitsProcessor:
         for row, s in enumerate(self.states):
             allowed = self.allowed(s)
             mask[row, allowed] = False
-            if bias is not None:
-                log_prior = self.log_prior(s, allowed)
-                if log_prior is not None:
-                    bias[row, allowed] = torch.as_tensor(self.history_weight * log_prior, dtype=scores.dtype)
+            log_prior = self.log_prior(s, allowed) if bias is not None else None
+            if log_prior is None:
+                continue
+            ids = torch.as_tensor(allowed)
+            b = torch.as_tensor(self.history_weight * log_prior, dtype=scores.dtype)
+            go_on = ids != self.tokens.eos
+            if not go_on.all():   # renormalise the continuations: the prior moves mass among them, never to eos
+                lm = scores[row, ids[go_on]]
+                b[go_on] -= torch.logsumexp(lm + b[go_on], 0) - torch.logsumexp(lm, 0)
+            bias[row, ids] = b
         scores = scores + bias if bias is not None else scores
         return (scores / self.temperature).masked_fill(mask, float("-inf"))

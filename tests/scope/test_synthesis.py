@@ -145,3 +145,73 @@ def test_augmentation_adds_profiled_synthetic_users_to_train_only(trained, small
     train = sft_dataset(mixed, ["train"])
     assert set(train["user_id"]) == set(plain.profiled("train")) | set(mixed.profiled("synthetic"))
     assert not set(sft_dataset(mixed, ["test"])["user_id"]) & set(synthetic)
+
+
+def _pools_fixture(within_slot):
+    """User 1: hour 8 holds 5 records of category 2 and 2 of category 5 at station 10 (cluster 0);
+    hour 9 holds 12 records of category 3 at station 20 (cluster 1)."""
+    import pandas as pd
+
+    from scope.synthesis import RecordPools
+    from scope.traces import TraceGrammar
+
+    stamps = ([f"2016-04-20 08:{m:02d}:00" for m in range(7)] + [f"2016-04-20 09:{m:02d}:00" for m in range(12)])
+    categories = [2] * 5 + [5] * 2 + [3] * 12
+    events = pd.DataFrame({"user_id": 1, "timestamp": pd.to_datetime(stamps), "location_id": [10] * 7 + [20] * 12,
+                           "app_category": categories, "app_id": [100 + c for c in categories], "traffic_bytes": 1000})
+    grammar = TraceGrammar(tuple(f"cat{i}" for i in range(6)), 2, 60)
+    app_category = pd.Series(range(6), index=[100 + c for c in range(6)])
+    pools = RecordPools(events, lambda ids: np.where(np.asarray(ids) == 10, 0, 1), app_category, np.array([10, 20]),
+                        6, grammar, within_slot)
+    return pools, grammar, app_category
+
+
+@pytest.mark.parametrize("within_slot", ["mixture", "dominant"])
+def test_a_line_is_written_back_with_the_users_slot_sizes_and_within_slot_co_usage(within_slot):
+    from scope.synthesis import events_from_windows
+    from scope.traces import TraceEvent, TraceWindow
+
+    pools, grammar, app_category = _pools_fixture(within_slot)
+    windows = [TraceWindow(1, f"2016-05-{d:02d}", [TraceEvent(8, 2, 0, 1)]) for d in range(1, 31)]
+    rows = events_from_windows(101, 1, windows, grammar, pools, seed=0)
+    per_day = rows.groupby(rows["timestamp"].str[:8])
+    assert (per_day.size() == 7).all()                         # the user's one real slot of level t1 held 7 records
+    assert (per_day["base_station_id"].nunique() == 1).all() and set(rows["base_station_id"]) == {10}
+    assert rows["timestamp"].str[8:10].eq("08").all()          # inside the line's slot
+    category = app_category.reindex(rows["app_id"]).to_numpy()
+    if within_slot == "dominant":
+        assert set(category) == {2}
+    else:                                                      # 2 of 7 records of such slots were category 5
+        assert set(category) == {2, 5} and abs((category == 5).mean() - 2 / 7) < 0.07
+    again = events_from_windows(101, 1, windows, grammar, pools, seed=0)
+    assert again.equals(rows)                                   # deterministic in (seed, user)
+
+
+def test_a_user_or_pair_without_history_falls_back_to_the_cohort_then_the_catalogue():
+    from scope.synthesis import events_from_windows
+    from scope.traces import TraceEvent, TraceWindow, records_range
+
+    pools, grammar, app_category = _pools_fixture("mixture")
+    # source user 2 has no history; pair (4, 1) and category 4 occur nowhere; t2: the cohort's one 12-record slot
+    rows = events_from_windows(102, 2, [TraceWindow(2, "2016-05-01", [TraceEvent(20, 4, 1, 2)])], grammar, pools, 0)
+    assert len(rows) == 12
+    assert set(app_category.reindex(rows["app_id"])) == {4} and set(rows["base_station_id"]) == {20}
+    rows = events_from_windows(102, 2, [TraceWindow(2, "2016-05-01", [TraceEvent(20, 4, 1, 3)])], grammar, pools, 0)
+    lo, hi = records_range(3)                                  # no slot of level t3 anywhere: the level's range
+    assert lo <= len(rows) <= hi
+
+
+def test_days_per_user_zero_generates_every_day_of_the_cohort(corpus):
+    requests = plan_requests(corpus, SynthesisArguments(days_per_user=0, generate_users=2), synthesize.grammar_of(corpus))
+    first = corpus.cohort.events["timestamp"].min()
+    assert [r.dates for r in requests] == [[str((first + np.timedelta64(d, "D")).date()) for d in range(4)]] * 2
+
+
+def test_the_synthetic_cohort_is_never_written_into_the_real_one(tmp_path, monkeypatch):
+    from scope.synthesis import check_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "cohort").mkdir(parents=True)
+    with pytest.raises(ValueError, match="would be written into the real cohort runs/cohort"):
+        check_output_dir("runs/cohort", tmp_path / "runs" / "cohort")
+    check_output_dir("runs/cohort", "runs/synthesis/cohort")

@@ -144,3 +144,23 @@ def test_the_history_prior_steers_sampling_inside_the_constraint(tokenizer):
     text = tokenizer.decode(ids[0, 3:].tolist(), skip_special_tokens=True)
     events = GRAMMAR.parse_events(text[: text.rfind("\n") + 1])
     assert events and all(e.category == 4 and e.cluster == 0 for e in events)
+
+
+def test_the_history_prior_never_changes_the_chance_of_ending_the_window(tokenizer):
+    tokens = GrammarTokens(GRAMMAR, tokenizer)
+    slots = np.zeros(GRAMMAR.slots_per_day)
+    slots[[20, 21, 40]] = [500, 5, 1]
+    constraint = TraceConstraint(np.ones((len(APP_CATEGORIES), 6), bool), slot_counts=slots)
+    ids = torch.tensor([tokens.encode_events([TraceEvent(3, 0, 0, 0)])])
+    scores = torch.randn(1, len(tokenizer), generator=torch.Generator().manual_seed(1))
+    probs = {}
+    for weight in (0.0, 1.0, 5.0):
+        processor = TraceLogitsProcessor(tokens, [constraint], history_weight=weight)
+        processor.prompt_len = 0
+        for token in ids[0].tolist():
+            processor.advance(processor.states[0], token)
+        processor.prompt_len = ids.shape[1]
+        probs[weight] = processor(ids, scores.clone()).softmax(-1)[0]
+    assert probs[0.0][tokens.eos] > 0
+    for weight in (1.0, 5.0):
+        assert torch.isclose(probs[weight][tokens.eos], probs[0.0][tokens.eos], atol=1e-6)
