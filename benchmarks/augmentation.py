@@ -24,15 +24,12 @@ of ``grounding@3`` and ``schema_valid``.
 
 import argparse
 import os
-import shutil
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
-from benchmarks.common import emit
-from scope.io import write_text
+from benchmarks.common import emit, filtered_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("users", "schema_valid", "field_agreement", "grounding_apps@3", "grounding_places@3", "grounding@3")
@@ -40,17 +37,8 @@ METRICS = ("users", "schema_valid", "field_agreement", "grounding_apps@3", "grou
 
 def cold_start_cohort(cohort_dir: Path, out: Path, users: list[int], records: int) -> Path:
     """A copy of the cohort where ``users`` keep only their first ``records`` records."""
-    from scope.tsinghua import TRACE_FILE
-
-    out.mkdir(parents=True, exist_ok=True)
-    for path in cohort_dir.iterdir():
-        if path.is_file() and path.name != TRACE_FILE:
-            shutil.copyfile(path, out / path.name)
-    trace = pd.read_csv(cohort_dir / TRACE_FILE, sep=" ", header=None, dtype=str)
-    cut = trace[0].astype(int).isin(users)
-    keep = ~cut | (trace.groupby(0).cumcount() < records)
-    write_text(out / TRACE_FILE, trace[keep].to_csv(sep=" ", header=False, index=False))
-    return out
+    return filtered_cohort(cohort_dir, out, lambda trace: ~trace[0].astype(int).isin(users)
+                           | (trace.groupby(0).cumcount() < records))
 
 
 def main() -> dict:
@@ -74,6 +62,7 @@ def main() -> dict:
     from scope.corpus import build_corpus
     from scope.evaluation import generate_answers, score_answer, summarize
     from scope.models import load_student, load_tokenizer
+    from scope.synthesis import read_profiles
 
     synthesis, work = Path(args.synthesis_dir), Path(args.work_dir)
     synthetic = synthesis / "stage" / "cohort"
@@ -102,7 +91,7 @@ def main() -> dict:
     figures = {"steps": args.steps, "ratio": args.ratio, "cold_records": args.cold_records, "cohort": cohort_dir.name,
                "cold_sim_mean_records_kept": float(kept.mean())}
     start = time.perf_counter()
-    n_synthetic = min(round(args.ratio * real_train), len(pd.read_json(synthetic / "profiles.jsonl", lines=True)))
+    n_synthetic = min(round(args.ratio * real_train), len(read_profiles(synthetic)))
     long_steps = round(args.steps * (real_train + n_synthetic) / real_train)
     for variant, ratio, steps in (("baseline", 0.0, args.steps), ("real_long", 0.0, long_steps),
                                   ("augmented", args.ratio, long_steps)):

@@ -31,8 +31,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from benchmarks.common import RESULTS, emit, peak_rss_mb
-from scope.io import write_text
+from benchmarks.common import RESULTS, emit, filtered_cohort, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,8 +54,8 @@ def main() -> dict:
     from scope.corpus import build_corpus
     from scope.fidelity import compare
     from scope.models import load_student, load_tokenizer
-    from scope.synthesis import (RecordPools, conditioning_prompt, events_from_windows, load_grammar, parse_generated,
-                                 plan_requests, read_profiles, read_shards, sample_windows)
+    from scope.synthesis import (RecordPools, conditioning_prompt, load_grammar, parse_generated, plan_requests,
+                                 read_profiles, read_shards, sample_windows, written_back_events)
     from scope.traces import GrammarTokens, TraceWindow
 
     work = Path(args.work_dir)
@@ -107,12 +106,8 @@ def main() -> dict:
     grammar = load_grammar(stage / "model" / "grammar.json")
     pools = RecordPools(cohort.events, corpus.clusters.of, cohort.app_category, cohort.base_poi.index.to_numpy(), n_a,
                         grammar, within_slot="dominant")
-    offset = script.synthetic_user_offset
-    dominant = pd.concat([events_from_windows(u, u - offset, ws, grammar, pools, script.synthesis_seed)
-                          for u, ws in read_shards(stage / "cohort" / "shards", grammar).items()], ignore_index=True)
-    dominant = dominant.assign(app_category=cohort.app_category.reindex(dominant["app_id"].to_numpy()).to_numpy(),
-                               location_id=dominant["base_station_id"],
-                               timestamp=pd.to_datetime(dominant["timestamp"], format="%Y%m%d%H%M%S"))
+    dominant = written_back_events(read_shards(stage / "cohort" / "shards", grammar), grammar, pools, cohort.app_category,
+                                   seed=script.synthesis_seed, offset=script.synthetic_user_offset)
     scores = compare(real, dominant, cohort.base_poi, n_a)
     figures.update({"dominant_pearson_r": scores["pearson_r"], "dominant_r2": scores["r2"]})
 
@@ -150,12 +145,7 @@ def two_week_cohort(work: Path, users: int, days: int) -> tuple[Path, pd.DataFra
     events = load_cohort(simulated).events
     cut = events["timestamp"].min().normalize() + pd.Timedelta(days=days)
     if not (cohort / TRACE_FILE).exists():
-        cohort.mkdir(parents=True, exist_ok=True)
-        for path in simulated.iterdir():
-            if path.name != TRACE_FILE:
-                shutil.copyfile(path, cohort / path.name)
-        trace = pd.read_csv(simulated / TRACE_FILE, sep=" ", header=None, dtype=str)
-        write_text(cohort / TRACE_FILE, trace[trace[1] < cut.strftime("%Y%m%d%H%M%S")].to_csv(sep=" ", header=False, index=False))
+        filtered_cohort(simulated, cohort, lambda trace: trace[1] < cut.strftime("%Y%m%d%H%M%S"))
     return cohort, events[events["timestamp"] >= cut]
 
 

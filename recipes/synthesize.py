@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import pandas as pd
 import torch
 from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
@@ -32,8 +31,8 @@ from scope.io import write_json
 from scope.models import load_causal_lm, load_student, load_tokenizer
 from scope.sft import train_and_save, write_model_card
 from scope.synthesis import (GRAMMAR_FILE, TRAIN_TRACES_FILE, RecordPools, SynthesisArguments, check_output_dir,
-                             events_from_windows, generate_shards, grammar_of, load_grammar, plan_requests,
-                             read_profiles, save_grammar, serialise_cohort, trace_examples, write_cohort)
+                             generate_shards, grammar_of, load_grammar, plan_requests, read_profiles, save_grammar,
+                             serialise_cohort, trace_examples, write_cohort, written_back_events)
 from scope.traces import GrammarTokens, windows_from_events
 from scope.tsinghua import load_cohort
 
@@ -163,11 +162,7 @@ def report(script_args: SynthesisArguments, training_args: SFTConfig, model_args
     by_user: dict[int, list] = {}
     for w in train_real:
         by_user.setdefault(w.user_id, []).append(w)
-    ceiling = pd.concat([events_from_windows(u, u, ws, grammar, pools, script_args.synthesis_seed)
-                         for u, ws in by_user.items()], ignore_index=True)
-    ceiling = ceiling.assign(app_category=corpus.cohort.app_category.reindex(ceiling["app_id"].to_numpy()).to_numpy(),
-                             location_id=ceiling["base_station_id"],
-                             timestamp=pd.to_datetime(ceiling["timestamp"], format="%Y%m%d%H%M%S"))
+    ceiling = written_back_events(by_user, grammar, pools, corpus.cohort.app_category, seed=script_args.synthesis_seed)
     extra = {"synthetic_users": len(profiles), "source_users": len(sources), "test_users": len(test_users)}
     generation = cohort_dir / "generation.json"
     if generation.exists():

@@ -508,6 +508,17 @@ def events_from_windows(user_id: int, source_user_id: int, windows: list[TraceWi
     return pd.concat(rows, ignore_index=True)
 
 
+def written_back_events(windows: dict[int, list[TraceWindow]], grammar: TraceGrammar, pools: RecordPools,
+                        app_category: pd.Series, *, seed: int = 0, offset: int = 0) -> pd.DataFrame:
+    """Each user's windows written back (:func:`events_from_windows`) as an event frame with the
+    loader's columns; user ``u`` draws from source user ``u - offset``."""
+    rows = pd.concat([events_from_windows(u, u - offset, ws, grammar, pools, seed) for u, ws in windows.items()],
+                     ignore_index=True)
+    return rows.assign(app_category=app_category.reindex(rows["app_id"].to_numpy()).to_numpy(),
+                       location_id=rows["base_station_id"],
+                       timestamp=pd.to_datetime(rows["timestamp"], format="%Y%m%d%H%M%S"))
+
+
 def check_output_dir(real_dir: str | Path, out_dir: str | Path) -> None:
     """Refuse to write a synthetic cohort into the real cohort's folder (it would overwrite its trace)."""
     if Path(out_dir).resolve() == Path(real_dir).resolve():
