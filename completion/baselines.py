@@ -4,6 +4,7 @@ Every method answers `predict(batch, task, regions) -> [B, C, T, H, W]` in norma
 entries in `regions.target` are scored. Following the evaluation protocol, every baseline reads
 the *whole* available region (visible channels) as evidence; only U-MASK chooses a subset.
 
+- `Persistence`: the last available value of each series.
 - `HistoricalAverage`: per entity, channel and cell, the mean over the available slots, plus
   (optionally) a slot-of-day profile fitted on training entities.
 - `ARIMA`: one low-order ARIMA per entity/channel/cell series, fitted on the available history,
@@ -28,8 +29,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from completion.data import Batch
-from completion.evaluate import EVIDENCE, sample_chunked
+from completion.evaluate import EVIDENCE, complete_chunked
 from completion.model import CompletionModel
+from completion.priors import carry_prior, slot_profile
 from completion.tasks import Regions, TaskConfig, make_regions, task_index
 
 
@@ -39,8 +41,19 @@ def available_evidence(regions: Regions) -> Tensor:
 
 
 #################################################################################
-#                             Historical average                                #
+#                      Persistence and historical average                       #
 #################################################################################
+
+class Persistence:
+    """x^_{b,c,t,h,w} = the last available value of the series (the naive forecast).
+
+    It is the `carry` prior with no damping and no seasonal profile (`completion.priors`): between
+    two available entries it interpolates, and a cell without any takes the other cells' mean.
+    """
+
+    def predict(self, batch: Batch, task: Tensor, regions: Regions) -> Tensor:
+        return carry_prior(batch.x, available_evidence(regions))
+
 
 class HistoricalAverage:
     """x^_{b,c,t,h,w} = mean of x_{b,c,.,h,w} over available slots [+ profile_c(s_t) - its mean there].
@@ -60,14 +73,7 @@ class HistoricalAverage:
         if self.use_profile:
             if train.timestamps is None:
                 raise ValueError("the slot-of-day profile needs timestamps")
-            obs = train.observed[:, None].float()
-            mean = (train.x * obs).sum(2, keepdim=True) / obs.sum(2, keepdim=True).clamp(min=1)
-            dev = ((train.x - mean) * obs).sum((3, 4))  # [N, C, T]
-            slot = train.timestamps[..., 1].long()  # [N, T]
-            C = train.x.shape[1]
-            total = torch.zeros(C, self.slots_per_day).index_add_(1, slot.flatten(), dev.permute(1, 0, 2).flatten(1))
-            count = torch.zeros(self.slots_per_day).index_add_(0, slot.flatten(), obs.sum((1, 3, 4)).flatten())
-            self.profile = total / count.clamp(min=1)
+            self.profile = slot_profile(train.x, train.observed, train.timestamps, self.slots_per_day)
         return self
 
     def predict(self, batch: Batch, task: Tensor, regions: Regions) -> Tensor:
@@ -103,8 +109,9 @@ class ARIMA:
     coefficients (they extrapolate wildly), so `fit` estimates each channel's slot-of-day
     profile on the training split and smooths it to K harmonics; that curve s_c(slot) is the one
     exogenous regressor, with its own coefficient in every series (y_t = mu + b s_c(t) + ARMA).
-    The history of a series is its available slots, which must be a prefix of the window (the
-    short- and long-term tasks); the forecast covers the rest. Orders with d = q = 0 are fitted
+    The history of a series is its stretch of available slots since the last gap (a missing day
+    or hour), up to its last available slot; the forecast covers the rest. The cold task has no
+    history prefix and is refused. Orders with d = q = 0 are fitted
     by conditional least squares (statsmodels `AutoReg`, about 2 ms a series, so a benchmark
     split runs in about a minute); any other order uses statsmodels' state-space `ARIMA` (0.1-0.5
     s a series). A non-stationary AR fit forecasts its last value (the random walk, ARIMA(0,1,0));
@@ -154,14 +161,19 @@ class ARIMA:
         T = batch.x.shape[2]
         series = regions.target.any(2).nonzero().tolist()  # (b, c, h, w) with something to forecast
         x = batch.x.double().numpy()
+        if (task == task_index("cold")).any():
+            raise ValueError("ARIMA forecasts the slots after a history prefix (short/long tasks); the cold task's "
+                             "scattered entries have none")
         for b, c, i, j in tqdm(series, disable=not self.progress, desc="arima"):
-            a = A[b, c, :, i, j]
-            n = int(a.sum())
-            if not bool(a[:n].all()):
-                raise ValueError("ARIMA needs the available slots of a series to be a prefix of the "
-                                 "window (short/long tasks), not scattered entries (cold task)")
-            season = None if self.K == 0 else self.season[c, batch.timestamps[b, :, 1].numpy()]
-            pred[b, c, n:, i, j] = torch.as_tensor(self.forecast(x[b, c, :n, i, j], T - n, season), dtype=pred.dtype)
+            a = A[b, c, :, i, j].numpy()
+            if not a.any():
+                continue  # no history at all: the historical average's fallback stays
+            end = int(np.flatnonzero(a)[-1]) + 1
+            gaps = np.flatnonzero(~a[:end])
+            start = int(gaps[-1]) + 1 if len(gaps) else 0  # the stretch of history since the last gap
+            season = None if self.K == 0 else self.season[c, batch.timestamps[b, start:, 1].numpy()]
+            pred[b, c, end:, i, j] = torch.as_tensor(self.forecast(x[b, c, start:end, i, j], T - end, season),
+                                                     dtype=pred.dtype)
         return pred
 
 
@@ -259,21 +271,31 @@ def train_patchtst(model: PatchTST, train: Batch, task_config: TaskConfig,
 #################################################################################
 
 class DiTForecaster:
-    """The mean of `n_samples` DiT completions with evidence = the whole available region or U-MASK's."""
+    """The engine's point estimate (`point="first_step"`, see `completion.model`) or the mean of
+    `n_samples` completions (`point="sample_mean"`), with evidence = the whole available region or
+    U-MASK's."""
 
     def __init__(self, model: CompletionModel, evidence: str = "available", n_samples: int = 4,
-                 steps: int | None = 20, seed: int = 0, chunk: int = 256):
+                 steps: int | None = 20, seed: int = 0, chunk: int = 256, point: str = "first_step"):
         if evidence not in EVIDENCE:
             raise ValueError(f"unknown evidence {evidence!r}; expected one of {EVIDENCE}")
-        self.model, self.evidence = model.eval(), evidence
+        if point not in POINTS:
+            raise ValueError(f"unknown point estimate {point!r}; expected one of {POINTS}")
+        self.model, self.evidence, self.point = model.eval(), evidence, point
         self.n_samples, self.steps, self.seed, self.chunk = n_samples, steps, seed, chunk
+        self.samples: Tensor | None = None  # of the last predict call, for probabilistic scores
 
     def predict(self, batch: Batch, task: Tensor, regions: Regions) -> Tensor:
-        return sample_chunked(self.model, batch, task, regions, self.evidence, self.n_samples, self.steps,
-                              self.seed, self.chunk).mean(0)
+        self.samples, point = complete_chunked(self.model, batch, task, regions, self.evidence, self.n_samples,
+                                               self.steps, self.seed, self.chunk,
+                                               recenter=self.point == "first_step")
+        return point if self.point == "first_step" else self.samples.mean(0)
 
 
-BASELINES = {"ha": HistoricalAverage, "arima": ARIMA, "patchtst": PatchTST, "dit": DiTForecaster}
+POINTS = ("first_step", "sample_mean")
+
+
+BASELINES = {"persistence": Persistence, "ha": HistoricalAverage, "arima": ARIMA, "patchtst": PatchTST, "dit": DiTForecaster}
 
 
 def make_baseline(name: str, **kwargs):

@@ -1,6 +1,6 @@
 """The tensors one batch of entities brings to the completion engine.
 
-Every model in `completion/` reads a `Batch`; loaders (`completion/nj.py`, the per-user tensors of
+Every model in `completion/` reads a `Batch`; loaders (`completion/city.py`, the per-user tensors of
 the data layer) produce one. Values in `x` are already normalised; `observed` marks the entries
 that exist at all (missing data is False and is never a target nor evidence).
 """

@@ -2,15 +2,16 @@
 
 Read top to bottom: embedders, the adaLN-Zero block, the final layer, the model, the presets.
 The model follows facebookresearch/DiT with three changes for completion:
-- tokens are 3-D patches (t0, h0, w0) of [x_t ; M (.) X ; M] (noisy tensor, evidence values,
-  evidence mask), so the evidence enters by concatenation; T, H, W are zero-padded up to a
-  multiple of the patch size and the output is cropped back, so odd patch sizes and non-square
+- tokens are 3-D patches (t0, h0, w0) of [x_t ; M (.) X ; M (; prior)] (noisy tensor, evidence
+  values, evidence mask, and the deterministic prior when the model predicts a residual over it,
+  see `completion.model`), so the evidence enters by concatenation; T, H, W are zero-padded up to
+  a multiple of the patch size and the output is cropped back, so odd patch sizes and non-square
   grids work;
-- positions are a fixed 3-D sine-cosine embedding of the token grid, plus learned weekday and
-  slot-of-day embeddings when timestamps are given;
+- positions are a fixed 3-D sine-cosine embedding of the token grid, plus a learned weekday
+  embedding and a learned map of time-of-day Fourier features when timestamps are given;
 - the condition is c = t_emb + e_u + e_tau: e_u an MLP of the entity vector (any [N, d_e] side
   information, e.g. the U-SCOPE embedding h_u or a POI profile), e_tau a learned task embedding.
-The output is the X_0 estimate (no learned variance).
+The output is the X_0 estimate (of the residual, with a prior; no learned variance).
 """
 
 from __future__ import annotations
@@ -77,18 +78,26 @@ def sincos_3d(dim: int, grid: tuple[int, int, int]) -> Tensor:
 
 
 class CalendarEmbedder(nn.Module):
-    """Learned weekday + slot-of-day embedding of each token's first slot."""
+    """Learned weekday embedding + a linear map of time-of-day Fourier features, per token.
 
-    def __init__(self, hidden_size: int, slots_per_day: int):
+    Time of day enters as the fraction of the day `slot / slots_per_day` (sin/cos of `harmonics`
+    multiples), not as a slot index, so one checkpoint reads data of any step length (15-, 30- or
+    60-minute slots): set `slots_per_day` to the data's before use (`CompletionModel.set_slots_per_day`).
+    """
+
+    def __init__(self, hidden_size: int, slots_per_day: int, harmonics: int = 4):
         super().__init__()
+        self.slots_per_day, self.harmonics = slots_per_day, harmonics
         self.weekday = nn.Embedding(7, hidden_size)
-        self.slot = nn.Embedding(slots_per_day, hidden_size)
+        self.time_of_day = nn.Linear(2 * harmonics, hidden_size)
 
     def forward(self, timestamps: Tensor, t0: int, nt: int) -> Tensor:
         """timestamps long [B, T, 2] -> [B, nt, D] (slots past T reuse the last timestamp)."""
         idx = (torch.arange(nt, device=timestamps.device) * t0).clamp(max=timestamps.shape[1] - 1)
         ts = timestamps[:, idx].long()
-        return self.weekday(ts[..., 0]) + self.slot(ts[..., 1])
+        k = torch.arange(1, self.harmonics + 1, device=ts.device)
+        angle = 2 * math.pi * ts[..., 1:].float() / self.slots_per_day * k
+        return self.weekday(ts[..., 0]) + self.time_of_day(torch.cat([angle.sin(), angle.cos()], -1))
 
 
 #################################################################################
@@ -144,17 +153,25 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """X_0 denoiser: (x_t, t, M (.) X, M, entity, task[, timestamps]) -> X_0 estimate."""
+    """Denoiser: (x_t, t, M (.) X, M, entity, task[, timestamps, prior]) -> estimate of the clean tensor.
+
+    With `prior_input` the deterministic prior is a fourth group of input channels (the model then
+    predicts the residual over it, see `completion.model`).
+    """
 
     def __init__(self, channels: int, entity_dim: int, num_tasks: int = 3,
                  patch_size: tuple[int, int, int] = (4, 2, 2), hidden_size: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
-                 slots_per_day: int = 96, entity_conditioning: bool = True):
+                 slots_per_day: int = 96, entity_conditioning: bool = True, calendar: bool = True,
+                 prior_input: bool = False):
         super().__init__()
         self.channels = channels
         self.entity_conditioning = entity_conditioning  # False: the "DiT without entity conditioning" control
+        self.calendar = calendar  # False: no weekday / time-of-day embedding (an ablation)
+        self.prior_input = prior_input
         self.patch_size = tuple(patch_size)
-        self.x_embedder = nn.Conv3d(3 * channels, hidden_size, self.patch_size, stride=self.patch_size)
+        groups = 4 if prior_input else 3
+        self.x_embedder = nn.Conv3d(groups * channels, hidden_size, self.patch_size, stride=self.patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.entity_embedder = EntityEmbedder(entity_dim, hidden_size)
         self.task_embedder = nn.Embedding(num_tasks, hidden_size)
@@ -172,8 +189,9 @@ class DiT(nn.Module):
         w = self.x_embedder.weight.data  # the patch embedding is a linear map of each patch
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
-        for emb in (self.task_embedder, self.calendar_embedder.weekday, self.calendar_embedder.slot):
+        for emb in (self.task_embedder, self.calendar_embedder.weekday):
             nn.init.normal_(emb.weight, std=0.02)
+        nn.init.normal_(self.calendar_embedder.time_of_day.weight, std=0.02)
         for mlp in (self.t_embedder.mlp, self.entity_embedder.mlp):
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
@@ -204,16 +222,22 @@ class DiT(nn.Module):
         return x[:, :, :T, :H, :W]
 
     def forward(self, x_t: Tensor, t: Tensor, evidence_x: Tensor, evidence: Tensor,
-                entity: Tensor, task: Tensor, timestamps: Tensor | None = None) -> Tensor:
+                entity: Tensor, task: Tensor, timestamps: Tensor | None = None,
+                prior: Tensor | None = None) -> Tensor:
         """
         x_t: [B, C, T, H, W] noisy tensor; t: [B] diffusion steps;
         evidence_x = M (.) X and evidence = M (broadcast to channels): [B, C, T, H, W];
-        entity: [B, d_e]; task: long [B]; timestamps: long [B, T, 2] or None.
+        entity: [B, d_e]; task: long [B]; timestamps: long [B, T, 2] or None;
+        prior: [B, C, T, H, W], required exactly when the model was built with `prior_input`.
         """
+        if (prior is not None) != self.prior_input:
+            raise ValueError(f"this DiT was built with prior_input={self.prior_input}; "
+                             f"got {'a' if prior is not None else 'no'} prior")
         size = tuple(x_t.shape[2:])
-        x, grid = self.patchify(torch.cat([x_t, evidence_x, evidence], dim=1))
+        inputs = [x_t, evidence_x, evidence] + ([prior] if prior is not None else [])
+        x, grid = self.patchify(torch.cat(inputs, dim=1))
         x = x + sincos_3d(x.shape[-1], grid).to(x)
-        if timestamps is not None:
+        if timestamps is not None and self.calendar:
             cal = self.calendar_embedder(timestamps, self.patch_size[0], grid[0])  # [B, nt, D]
             x = x + cal[:, :, None, None].expand(-1, -1, grid[1], grid[2], -1).flatten(1, 3)
         c = self.t_embedder(t) + self.task_embedder(task)

@@ -27,6 +27,14 @@ Decisions where the paper leaves room (kept here, next to the code they shape):
   rho~ N; theta is found by bisection and made differentiable by one Newton step (the
   implicit-function gradient), so L_rec reaches rho_tau, w, c (through rho~) and phi, beta, psi
   (through the scores). The hard mask is used in the forward pass (straight-through).
+- Initialisation: phi^tau of the short and long tasks starts as a ramp that favours the most
+  recent slots (logits -3 .. 3 over the window) with beta_tau = 0.9, so a forecasting mask starts
+  by hiding the *oldest* evidence, the shape the paper's Fig. 8 reports after training. A uniform
+  start (`recency_init=0`) hides random slots, and with a prior built from the evidence
+  (`completion.priors`) that costs the most recent values. Through the DiT's evidence channels
+  alone the relaxation's gradients are ~1e-5, too small for L_rec to undo a bad start in a CPU
+  budget; `completion.model` also passes L_rec through the prior (`prior_gradient`), which
+  multiplies them by ~200 (measured: README, "Completion, diagnosed").
 - Cold-start mixing (Eq. 18) spreads eps uniformly over the available region (eps / N; this is
   eps / THW when every coordinate is available).
 """
@@ -133,7 +141,7 @@ class UMask(nn.Module):
                  refine_steps: int = 2, eta: float = 0.5, group_temperature: float = 1.0,
                  alpha: float = 0.5, fisher_eps: float = 1e-4, cold_eps: float = 0.1,
                  short_window: int = 8, soft_temperature: float = 0.5, bank_size: int = 512,
-                 rho_init: float = 0.9):
+                 rho_init: float = 0.9, recency_init: float = 3.0):
         super().__init__()
         n = len(TASKS)
         self.refine_steps, self.eta, self.alpha = refine_steps, eta, alpha
@@ -148,8 +156,13 @@ class UMask(nn.Module):
         self.w = nn.Parameter(torch.zeros(3))  # Eq. 12
         self.c = nn.Parameter(torch.tensor(math.log(rho_init / (1 - rho_init))))
         self.rho_logit = nn.Parameter(torch.full((n,), math.log(rho_init / (1 - rho_init))))
-        self.phi_logit = nn.Parameter(torch.zeros(n, T))  # phi^tau_t, Eq. 14
-        self.beta_logit = nn.Parameter(torch.zeros(n))  # beta_tau, Eq. 14
+        # phi^tau_t and beta_tau (Eq. 14). Forecasting tasks start from a recency ramp, logits from
+        # -recency_init (oldest slot) to +recency_init (newest), weighted by beta = 0.9: the mask
+        # starts by hiding the oldest evidence. The cold task starts uniform (beta = 0.5).
+        ramp = torch.linspace(-recency_init, recency_init, T)
+        forecast = torch.tensor([name in ("short", "long") for name in TASKS])
+        self.phi_logit = nn.Parameter(torch.where(forecast[:, None], ramp, 0.0))
+        self.beta_logit = nn.Parameter(torch.where(forecast, math.log(9.0), 0.0))
         self.E_pos = nn.Linear(cell_dim, d)  # per-cell features -> E_pos(h, w), Eq. 15
         self.register_buffer("bank", torch.zeros(n, bank_size, d))
         self.register_buffer("bank_seen", torch.zeros(n, dtype=torch.long))

@@ -10,7 +10,9 @@ A task fixes, per entity, the *target* entries (predicted and scored, never reve
 - cold: an entity unseen in training. Either at most `cold_revealed` observed coordinates are
   available and every other observed entry is a target, or (when `cold_hidden_channels` is set)
   one channel group is fully hidden: the other channels are available everywhere they are
-  observed and the hidden group is the target.
+  observed and the hidden group is the target, or (when `cold_hidden_cells` > 0) that share of
+  the H x W cells is hidden at every slot and every other cell is available (UoMo's
+  "generation" task: an unseen location).
 
 Evidence masks live on T x H x W and broadcast over channels; `visible` says which channels
 evidence may reveal (all of them except in the hidden-group cold task).
@@ -32,6 +34,26 @@ class TaskConfig:
     long_horizon: int = 96
     cold_revealed: int = 4
     cold_hidden_channels: tuple[int, ...] = ()
+    cold_hidden_cells: float = 0.0
+
+    def __post_init__(self):
+        if min(self.short_horizon, self.long_horizon) < 1 or self.cold_revealed < 0:
+            raise ValueError("short_horizon and long_horizon must be >= 1 and cold_revealed >= 0, got "
+                             f"{self.short_horizon}, {self.long_horizon} and {self.cold_revealed}")
+        if not 0 <= self.cold_hidden_cells < 1:
+            raise ValueError(f"cold_hidden_cells is a share of the cells in [0, 1), got {self.cold_hidden_cells}")
+        if self.cold_hidden_cells and self.cold_hidden_channels:
+            raise ValueError("the cold task hides either channels or cells, not both")
+
+    @classmethod
+    def in_hours(cls, short_hours: float, long_hours: float, slots_per_day: int, **kwargs) -> TaskConfig:
+        """Horizons given in hours, converted to slots of the data's length (at least one slot)."""
+        def slots(hours: float) -> int:
+            n = hours * slots_per_day / 24
+            if abs(n - round(n)) > 1e-9:
+                raise ValueError(f"a horizon of {hours} h is not a whole number of {24 * 60 // slots_per_day}-minute slots")
+            return max(1, round(n))
+        return cls(short_horizon=slots(short_hours), long_horizon=slots(long_hours), **kwargs)
 
 
 @dataclass(frozen=True)
@@ -70,7 +92,13 @@ def make_regions(task: Tensor, observed: Tensor, channels: int, config: TaskConf
         available[rows] = (observed & ~future)[rows]
 
     cold = task == task_index("cold")
-    if hidden.any():
+    if config.cold_hidden_cells:
+        n = max(1, round(config.cold_hidden_cells * H * W))
+        keys = torch.rand((B, H * W), generator=generator, device=observed.device)
+        hidden_cell = (keys.argsort(1).argsort(1) < n).reshape(B, 1, H, W)
+        target_thw[cold] = (observed & hidden_cell)[cold]
+        available[cold] = (observed & ~hidden_cell)[cold]
+    elif hidden.any():
         target_thw[cold] = observed[cold]
         available[cold] = observed[cold]
         visible[cold] = ~hidden
@@ -91,3 +119,56 @@ def _reveal_few(observed: Tensor, n: int, generator: torch.Generator | None) -> 
     keys = keys.masked_fill(~observed, -1.0).reshape(B, -1)
     rank = keys.argsort(dim=1, descending=True).argsort(dim=1)
     return ((rank < n) & (keys >= 0)).reshape(observed.shape)
+
+
+#################################################################################
+#               Sparsity protocol: history entries dropped before a task          #
+#################################################################################
+
+DROP_KINDS = ("uniform", "block")
+
+
+def history(observed: Tensor, task: Tensor, config: TaskConfig) -> Tensor:
+    """The observed entries a task may reveal at most: before the horizon (short / long), all (cold)."""
+    T = observed.shape[1]
+    slot = torch.arange(T, device=observed.device)[None, :, None, None]
+    horizon = torch.zeros_like(task)
+    for name, h in (("short", config.short_horizon), ("long", config.long_horizon)):
+        horizon = torch.where(task == task_index(name), h, horizon)
+    return observed & (slot < T - horizon[:, None, None, None])
+
+
+def drop_history(observed: Tensor, task: Tensor, config: TaskConfig, fraction: float | Tensor,
+                 kind: str = "uniform", block_slots: int = 4,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """`observed` with a `fraction` of each entity's history entries removed (per entity when a
+    tensor [B]); what is removed is neither evidence nor target afterwards, as for data that never
+    existed. Regions are drawn from the result (`make_regions`).
+
+    uniform: floor(fraction N) history entries drawn uniformly; block: whole blocks of `block_slots`
+    consecutive slots (every cell, the way a phone or a sensor goes silent for an hour or a day),
+    in random order, as long as no more than fraction N entries are gone (whole blocks rarely
+    hit the fraction exactly; with 15 hours of history, 95% drops 14 of them, 93%).
+    """
+    if kind not in DROP_KINDS:
+        raise ValueError(f"unknown drop kind {kind!r}; expected one of {DROP_KINDS}")
+    B, T, H, W = observed.shape
+    fraction = torch.as_tensor(fraction, dtype=torch.float32, device=observed.device).expand(B)
+    if ((fraction < 0) | (fraction > 1)).any():
+        raise ValueError("the dropped fraction must be in [0, 1]")
+    past = history(observed, task, config)
+    n_drop = torch.floor(fraction * past.flatten(1).sum(1))
+    if kind == "uniform":
+        keys = torch.rand((B, T, H, W), generator=generator, device=observed.device)
+        keys = keys.masked_fill(~past, torch.inf).flatten(1)
+        dropped = (keys.argsort(1).argsort(1) < n_drop[:, None]).reshape(B, T, H, W) & past
+    else:
+        n_blocks = -(-T // block_slots)
+        block = torch.arange(T, device=observed.device) // block_slots  # [T]
+        per_block = torch.zeros(B, n_blocks, device=observed.device).index_add_(
+            1, block, past.flatten(2).sum(2).float())
+        order = torch.rand((B, n_blocks), generator=generator, device=observed.device).argsort(1)
+        upto = per_block.gather(1, order).cumsum(1)  # entries dropped once this block is
+        chosen = torch.zeros_like(per_block, dtype=torch.bool).scatter_(1, order, upto <= n_drop[:, None])
+        dropped = chosen[:, block][:, :, None, None] & past
+    return observed & ~dropped

@@ -6,15 +6,17 @@ U-MASK choose the evidence, and minimises (Eq. 20)
     L = L_rec + lambda_con * InfoNCE(F_short, F_long)
 
 with L_rec the X_0 error on target entries (Eq. 19). An EMA copy of the weights is kept for
-evaluation. All randomness after initialisation comes from one generator on the training device. Checkpoints (model, EMA, optimiser, RNG state, step) are single safetensors files
-written atomically; `train` resumes from the checkpoint in `out_dir` when there is one.
+evaluation. All randomness after initialisation comes from one generator on the training
+device. Before the first step the prior's statistics (slot-of-day profile, residual scale) are
+fitted on the training entities (`CompletionModel.fit_statistics`). Checkpoints (model, EMA,
+optimiser, RNG state, step, and the configs) are single safetensors files written atomically;
+`train` resumes from the checkpoint in `out_dir` when there is one.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,10 +30,12 @@ from tqdm.auto import tqdm
 
 from completion.data import Batch
 from completion.masks import FIXED_MASKS, fixed_mask
-from completion.model import CompletionModel, ModelConfig, build_model
-from completion.tasks import TASKS, TaskConfig, make_regions, task_index
+from completion.model import OBJECTIVES, CompletionModel, ModelConfig, build_model
+from completion.tasks import DROP_KINDS, TASKS, TaskConfig, drop_history, make_regions, task_index
+from scope.io import atomic_path
 
 CHECKPOINT = "checkpoint.safetensors"
+CALIBRATION_BUFFERS = {"residual_weight", "spread"}
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,17 @@ class TrainConfig:
     mask: str = "umask"  # or a conventional fixed mask (random, tube, temporal): the Table 9 control
     mask_ratio: float = 0.81  # budget of a fixed mask, k_b = floor(mask_ratio * N_b)
     mask_lr_scale: float = 1.0  # learning rate of U-MASK's parameters relative to `lr`
+    objective: str = "diffusion"  # or "regression": one forward pass, plain MSE (the deterministic control)
+    history_dropout: tuple[float, ...] = ()  # shares of history an entity may drop (one drawn per entity)
+    dropout_share: float = 0.25  # the share of training entities that drop history at all
+    dropout_block_slots: int = 4  # block length of the blockwise history dropout (an hour of 15-minute slots)
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; expected one of {OBJECTIVES}")
+        if any(not 0 <= f < 1 for f in self.history_dropout) or not 0 <= self.dropout_share <= 1:
+            raise ValueError(f"history_dropout fractions must be in [0, 1) and dropout_share in [0, 1], got "
+                             f"{list(self.history_dropout)} and {self.dropout_share}")
         if self.mask not in ("umask", *FIXED_MASKS):
             raise ValueError(f"unknown mask {self.mask!r}; expected 'umask' or one of {FIXED_MASKS}")
         unknown = set(self.tasks) - set(TASKS)
@@ -78,15 +91,27 @@ def train_step(model: CompletionModel, batch: Batch, task: Tensor, task_config: 
                config: TrainConfig, generator: torch.Generator) -> dict[str, Tensor]:
     """One evaluation of Algorithm 1's objective (no optimiser update).
 
-    With a fixed mask (`config.mask` random / tube / temporal) there is no U-MASK output, so the
+    With `history_dropout`, a `dropout_share` of the entities first lose one of those shares of
+    their history (uniformly or in blocks, `completion.tasks.drop_history`), so one model serves
+    every sparsity level; the others keep theirs, which keeps the model at its best without drops. With a
+    fixed mask (`config.mask` random / tube / temporal) there is no U-MASK output, so the
     objective is L_rec alone.
     """
-    regions = make_regions(task, batch.observed, batch.x.shape[1], task_config, generator)
+    observed = batch.observed
+    if config.history_dropout:
+        levels = torch.tensor(config.history_dropout, device=observed.device)
+        fraction = levels[torch.randint(len(levels), (len(batch),), generator=generator, device=observed.device)]
+        fraction = fraction * (torch.rand(len(batch), generator=generator, device=observed.device) < config.dropout_share)
+        blockwise = torch.rand(len(batch), generator=generator, device=observed.device) < 0.5
+        dropped = [drop_history(observed, task, task_config, fraction, kind, config.dropout_block_slots, generator)
+                   for kind in DROP_KINDS]
+        observed = torch.where(blockwise[:, None, None, None], dropped[1], dropped[0])
+    regions = make_regions(task, observed, batch.x.shape[1], task_config, generator)
     if config.mask != "umask":
         M = fixed_mask(config.mask, regions.available, config.mask_ratio, generator)
-        L_rec, _ = model.loss(batch, task, regions, M=M, generator=generator)
+        L_rec, _ = model.loss(batch, task, regions, M=M, generator=generator, objective=config.objective)
         return {"loss": L_rec, "L_rec": L_rec, "rho": torch.tensor(config.mask_ratio)}
-    L_rec, mask = model.loss(batch, task, regions, generator=generator)
+    L_rec, mask = model.loss(batch, task, regions, generator=generator, objective=config.objective)
     L_con = info_nce(mask.F_short, mask.F_long, config.con_temperature)
     return {"loss": L_rec + config.lambda_con * L_con, "L_rec": L_rec, "L_con": L_con,
             "rho": mask.rho.mean()}
@@ -113,6 +138,9 @@ def train(model_config: ModelConfig, data: Batch, task_config: TaskConfig, confi
     path = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     if path is not None and path.exists():
         start = load_checkpoint(path, model, ema, optimizer, generator)
+    else:
+        model.fit_statistics(data, task_config, config.tasks, generator)
+        ema.load_state_dict(model.state_dict())
     tasks = torch.tensor([task_index(name) for name in config.tasks], device=config.device)
     logs = []
     model.train()
@@ -133,7 +161,7 @@ def train(model_config: ModelConfig, data: Batch, task_config: TaskConfig, confi
         if on_step is not None:
             on_step(done, logs[-1])
         if path is not None and (done % config.checkpoint_every == 0 or done == config.steps):
-            save_checkpoint(path, model, ema, optimizer, generator, done, model_config)
+            save_checkpoint(path, model, ema, optimizer, generator, done, model_config, config, task_config)
     return model, ema.eval(), logs
 
 
@@ -143,8 +171,11 @@ def train(model_config: ModelConfig, data: Batch, task_config: TaskConfig, confi
 
 def save_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module,
                     optimizer: torch.optim.Optimizer, generator: torch.Generator, step: int,
-                    model_config: ModelConfig) -> None:
-    """Write model, EMA, optimiser and RNG state to one safetensors file, atomically."""
+                    model_config: ModelConfig, train_config: TrainConfig | None = None,
+                    task_config: TaskConfig | None = None) -> None:
+    """Write model, EMA, optimiser and RNG state to one safetensors file, atomically: a crash
+    mid-write leaves the previous checkpoint in place. The model, training and task configs go
+    into the metadata, so evaluation rebuilds the model and uses the mask it was trained with."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     state = optimizer.state_dict()
@@ -153,11 +184,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module,
     tensors["rng"] = generator.get_state()
     metadata = {"step": str(step), "param_groups": json.dumps(state["param_groups"]),
                 "model_config": json.dumps(asdict(model_config))}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    for key, config in (("train_config", train_config), ("task_config", task_config)):
+        if config is not None:
+            metadata[key] = json.dumps(asdict(config))
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module | None = None,
@@ -183,11 +214,31 @@ def load_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module | None = 
 def load_model(path: str | Path, use_ema: bool = True) -> CompletionModel:
     """Rebuild a trained model (EMA weights by default) from a checkpoint, in eval mode."""
     tensors, metadata = _read(path)
-    config = json.loads(metadata["model_config"])
-    config["patch_size"] = tuple(config["patch_size"])
-    model = build_model(ModelConfig(**config))
-    model.load_state_dict(_section(tensors, "ema." if use_ema else "model."))
-    return model.eval()
+    model = build_model(checkpoint_configs(path, metadata)[0])
+    missing, unexpected = model.load_state_dict(_section(tensors, "ema." if use_ema else "model."), strict=False)
+    if unexpected or set(missing) - CALIBRATION_BUFFERS:
+        raise ValueError(f"{path}: the weights do not match the model config: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    return model.eval()  # a checkpoint saved before calibration existed reads as uncalibrated
+
+
+def checkpoint_configs(path: str | Path, metadata: dict[str, str] | None = None
+                       ) -> tuple[ModelConfig, TrainConfig | None, TaskConfig | None]:
+    """The model, training and task configs stored with a checkpoint (None where an older
+    checkpoint has none)."""
+    if metadata is None:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+    model = json.loads(metadata["model_config"])
+    model["patch_size"] = tuple(model["patch_size"])
+    train = json.loads(metadata["train_config"]) if "train_config" in metadata else None
+    task = json.loads(metadata["task_config"]) if "task_config" in metadata else None
+    if train is not None:
+        train = TrainConfig(**{**train, "tasks": tuple(train["tasks"]),
+                               "history_dropout": tuple(train.get("history_dropout", ()))})
+    if task is not None:
+        task = TaskConfig(**{**task, "cold_hidden_channels": tuple(task["cold_hidden_channels"])})
+    return ModelConfig(**model), train, task
 
 
 def _read(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:

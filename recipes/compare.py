@@ -1,18 +1,22 @@
-"""Completion vs baselines on per-user behaviour tensors: short-term, long-term and cold-start.
+"""The completion engine against simple baselines on the same regions: short-term, long-term and
+cold-start, on per-user tensors or a UoMo-format city file.
 
     python recipes/compare.py --config recipes/configs/complete_users.yaml \
         --run_dir runs/demo/completion --out_dir runs/demo/compare [--compare_entities 32]
 
-Reads the trained U-MASK + DiT of ``recipes/complete.py train`` (``run_dir``) and scores, on the
-same regions (same targets, same available region; completion.evaluate.task_regions with a
-fixed seed), the historical average (with the slot-of-day profile fitted on train), ARIMA(1,0,0)
-with a daily Fourier regressor (short / long only: it needs a history prefix, so windows with a
-missing day in the history make it skip a task, reported under ``skipped``), a PatchTST-style
-forecaster trained here on the train split, the same DiT completing from the whole available
-region, and U-MASK + DiT. Short / long are scored on the ``split`` users (default test), cold-start
-on the ``cold`` split (users unseen in training, ``cold_revealed`` revealed entries each), where
-app-category recommendation (Recall / NDCG @k of the categories used in the target period) is
-added. Writes ``comparison.json`` and ``comparison.md`` under ``out_dir``.
+Reads the trained engine of ``recipes/complete.py train`` (``run_dir``) and scores, on the same
+regions (same targets, same available region; completion.evaluate.task_regions with a fixed
+seed): persistence (the last available value), the historical average (with the slot-of-day
+profile fitted on train), ARIMA(1,0,0) with a daily Fourier regressor (short / long only: it needs
+a history prefix; windows where a missing day breaks the prefix make it skip that task, reported
+under ``skipped``), a PatchTST-style forecaster trained here on the train split, the same engine
+completing from the whole available region, and the engine with its own evidence (U-MASK, or the
+whole region for a fixed-mask checkpoint). Short / long are scored on the ``split`` entities;
+cold-start, when ``eval_tasks`` has it, on ``cold_split`` (default: the ``cold`` users of
+per-user tensors, ``split`` on a city file), with app-category recommendation (Recall / NDCG @k of
+the categories used in the target period) where the data has app channels. Writes
+``comparison.json`` and ``comparison.md`` (whose first line names the best method per task)
+under ``out_dir``.
 """
 
 import sys
@@ -24,24 +28,25 @@ import numpy as np
 import torch
 from trl import TrlParser
 
-from completion.baselines import ARIMA, DiTForecaster, HistoricalAverage, PatchTST, train_patchtst
+from completion.baselines import ARIMA, DiTForecaster, HistoricalAverage, PatchTST, Persistence, train_patchtst
 from completion.evaluate import task_regions
 from completion.metrics import rmse_mae
 from completion.recommend import app_channels, recommendation_report
-from completion.train import CHECKPOINT, load_model
-from recipes.complete import CompleteArguments, load_split
+from completion.train import CHECKPOINT, checkpoint_configs, load_model
+from recipes.complete import CompleteArguments, _evidence, load_split
 from scope.io import write_json, write_text
+
+ENGINE = "engine (U-MASK + DiT over the prior)"
 
 
 @dataclass
 class CompareArguments(CompleteArguments):
     out_dir: str = "runs/complete/compare"
     compare_entities: int = 32        # evenly spaced entities per split (0 = all): every method sees the same ones
-    cold_split: str = "cold"
+    cold_split: str = ""              # "" = the cold users of per-user tensors, `split` on a city file
     patchtst_steps: int = 100
     patchtst_batch_size: int = 4      # windows per step: each gives C x H x W series (352 on the default tensors)
     arima: bool = True
-    threads: int = 0                  # torch threads (0 = leave torch's default)
 
 
 def _subset(data, n: int):
@@ -59,17 +64,36 @@ def score(method, data, task_name: str, args: CompareArguments, recommend: bool)
     seconds = time.perf_counter() - start
     rmse, mae = rmse_mae(pred, data.batch.x, regions.target)
     rmse_o, mae_o = rmse_mae(data.inverse(pred), data.inverse(data.batch.x), regions.target)
-    apps = app_channels(data.channels) or list(range(len(data.channels)))
+    has_apps = any(c.startswith("app:") for c in data.channels)
+    apps = app_channels(data.channels) if has_apps else list(range(len(data.channels)))
     out = {"rmse_norm": rmse.nanmean().item(), "mae_norm": mae.nanmean().item(),
            "rmse_apps": rmse_o[apps].nanmean().item(), "mae_apps": mae_o[apps].nanmean().item(),
            "rmse_orig": rmse_o.tolist(), "mae_orig": mae_o.tolist(), "channels": data.channels,
            "entities": len(data.batch), "target_entries": int(regions.target.sum()),
            "ms_per_entity": 1000 * seconds / max(len(data.batch), 1)}
-    if recommend and any(c.startswith("app:") for c in data.channels):
-        target = regions.target.expand_as(data.batch.x) if regions.target.dim() == 4 else regions.target
-        rec = recommendation_report(pred, data.batch.x, target, app_channels(data.channels), data.inverse)
+    if recommend and has_apps:
+        rec = recommendation_report(pred, data.batch.x, regions.target, app_channels(data.channels), data.inverse)
         out.update({k: v for k, v in rec.items() if k.startswith(("recall@", "ndcg@", "users"))})
     return out
+
+
+def headline(table: dict) -> str:
+    """One sentence per task: the best method by normalised RMSE, and the engine's gain or loss against
+    the best simple baseline."""
+    parts = []
+    for task, rows in table.items():
+        if not rows:
+            continue
+        best = min(rows, key=lambda m: rows[m]["rmse_norm"])
+        simple = {m: r for m, r in rows.items() if not m.startswith(("engine", "DiT"))}
+        line = f"{task}: best is {best} ({rows[best]['rmse_norm']:.4f})"
+        if ENGINE in rows and simple:
+            base = min(simple, key=lambda m: simple[m]["rmse_norm"])
+            gain = 1 - rows[ENGINE]["rmse_norm"] / simple[base]["rmse_norm"]
+            line += (f"; the engine is {abs(gain):.1%} {'better' if gain >= 0 else 'worse'} than the best simple "
+                     f"baseline, {base}")
+        parts.append(line)
+    return "; ".join(parts) + "."
 
 
 def markdown(table: dict) -> str:
@@ -89,10 +113,14 @@ def main(args: CompareArguments) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model = load_model(Path(args.run_dir) / CHECKPOINT).to(args.device)
-    train = load_split(args, "train")
-    splits = {"short": args.split, "long": args.split, "cold": args.cold_split}
-    data = {s: _subset(load_split(args, s), args.compare_entities) for s in set(splits.values())}
+    path = Path(args.run_dir) / CHECKPOINT
+    model_config, _, _ = checkpoint_configs(path)
+    model = load_model(path).to(args.device)
+    train = load_split(args, "train", model_config)
+    model.set_slots_per_day(train.slots_per_day)
+    cold_split = args.cold_split or ("cold" if args.data == "tensors" else args.split)
+    splits = {t: (cold_split if t == "cold" else args.split) for t in args.eval_tasks}
+    data = {s: _subset(load_split(args, s, model_config), args.compare_entities) for s in set(splits.values())}
     slots_per_day = train.slots_per_day
     T = train.batch.x.shape[2]
 
@@ -101,39 +129,40 @@ def main(args: CompareArguments) -> dict:
     patchtst = PatchTST(T=T, channels=train.batch.x.shape[1], slots_per_day=slots_per_day)
     losses = train_patchtst(patchtst, train.batch, args.task_config, ("short", "long"), steps=args.patchtst_steps,
                             batch_size=args.patchtst_batch_size, seed=args.seed)
-    methods = {"historical average": ha, "PatchTST-style": patchtst,
-               "DiT, whole available region": DiTForecaster(model, "available", args.n_samples, args.sampler_steps, args.seed),
-               "U-MASK + DiT": DiTForecaster(model, "umask", args.n_samples, args.sampler_steps, args.seed)}
     arima = ARIMA((1, 0, 0), 2, slots_per_day=slots_per_day).fit(train.batch) if args.arima else None
+    methods = {"persistence": Persistence(), "historical average": ha, "ARIMA(1,0,0) + daily Fourier": arima,
+               "PatchTST-style": patchtst,
+               "DiT, whole available region": DiTForecaster(model, "available", args.n_samples, args.sampler_steps,
+                                                            args.seed),
+               ENGINE: DiTForecaster(model, _evidence(args, path), args.n_samples, args.sampler_steps, args.seed)}
     table, skipped = {}, {}
     for task_name, split in splits.items():
-        if task_name not in args.eval_tasks and task_name != "cold":
-            continue
         d = data[split]
-        if len(d.batch) == 0:
-            table[task_name] = {}
-            continue
         rows = {}
         for name, method in methods.items():
-            rows[name] = score(method, d, task_name, args, recommend=task_name == "cold")
-            if name == "historical average" and arima is not None and task_name != "cold":
-                try:
-                    rows["ARIMA(1,0,0) + daily Fourier"] = score(arima, d, task_name, args, recommend=False)
-                except ValueError as err:  # e.g. missing days leave no history prefix to fit a series on
-                    skipped[f"ARIMA ({task_name})"] = str(err)
+            if method is None or len(d.batch) == 0:
+                continue
+            try:
+                rows[name] = score(method, d, task_name, args, recommend=task_name == "cold")
+            except ValueError as err:  # ARIMA: missing days leave no history prefix to fit a series on
+                skipped[f"{name} ({task_name})"] = str(err)
+                continue
             print(f"{task_name}/{name}: rmse_norm {rows[name]['rmse_norm']:.4f}", flush=True)
         table[task_name] = rows
-    report = {"split": args.split, "cold_split": args.cold_split, "entities": {s: len(d.batch) for s, d in data.items()},
-              "tasks": table, "skipped": skipped, "patchtst_final_loss": float(np.mean(losses[-20:])) if losses else None,
+    summary = headline(table)
+    report = {"headline": summary, "split": args.split, "cold_split": cold_split,
+              "entities": {s: len(d.batch) for s, d in data.items()}, "tasks": table, "skipped": skipped,
+              "patchtst_final_loss": float(np.mean(losses[-20:])) if losses else None,
               "wall_s": round(time.perf_counter() - start, 1),
               "note": "RMSE/MAE on target entries only; *_norm in log1p z-scored units (mean over channels), "
-                      "*_apps in records per 15-minute slot (mean over app-category channels), *_orig per channel "
+                      "*_apps in records per slot (mean over app-category channels), *_orig per channel "
                       "in original units. Baselines read the whole available region; "
                       "U-MASK reveals the subset it chooses."}
     out = Path(args.out_dir)
     write_json(out / "comparison.json", report)
     notes = "".join(f"- {k} not scored: {v}\n" for k, v in skipped.items())
-    write_text(out / "comparison.md", "# Completion vs baselines\n\n" + markdown(table) + notes)
+    write_text(out / "comparison.md", f"# Completion vs baselines\n\n{summary}\n\n" + markdown(table) + notes)
+    print(summary)
     print(markdown(table))
     return report
 

@@ -118,7 +118,7 @@ def stages(args: DemoArguments, python: str = sys.executable) -> list[Stage]:
         Stage("completion", [recipe("complete", "train", *completion),
                              recipe("complete", "evaluate", *completion, "--max_entities", 32)],
               d["completion"], configs=[args.complete_config], inputs=[d["tensors"], embeddings],
-              needs=["tensors", "embed"], outputs=[d["completion"] / "eval_test.json"],
+              needs=["tensors", "embed"], outputs=[d["completion"] / "eval_tensors_test.json"],
               description="U-MASK + DiT training (Algorithm 1) and evaluation"),
         Stage("compare", [recipe("compare", *completion, "--out_dir", d["compare"], *opt("--threads"))],
               d["compare"], configs=[args.complete_config], inputs=[d["tensors"], embeddings, d["completion"]],

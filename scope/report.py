@@ -352,13 +352,16 @@ TASK_TEXT = {
 def section_completion(run: Run, out_dir: Path) -> tuple[Section, dict]:
     s = Section("completion", "U-MASK + DiT: completing behaviour tensors vs baselines",
                 "One diffusion transformer completes each user's behaviour tensor from evidence chosen per user and task "
-                "by U-MASK; every baseline reads the whole available history. Errors are on the hidden target entries "
+                "by U-MASK, as a residual over a deterministic prior (interpolation / damped persistence of that "
+                "evidence); every baseline reads the whole available history. Errors are on the hidden target entries "
                 "only: *_norm in standardised log units (mean over channels), *_apps in app records per quarter-hour (mean over "
                 "app categories; *_orig where no app channels exist); lower is better.")
     curves: dict = {}
 
     def build_compare(s: Section):
         report = read_json(run.folder("compare", "compare") / "comparison.json")
+        if report.get("headline"):
+            s.text(f"In short: {report['headline']}")
         for task, rows in report.get("tasks", {}).items():
             if not rows:
                 s.missing(f"{task}: no users in the evaluated split")
@@ -372,12 +375,12 @@ def section_completion(run: Run, out_dir: Path) -> tuple[Section, dict]:
 
     def build_figures(s: Section):
         folder = run.folder("completion", "completion")
-        if not (folder / "eval_test.json").exists():
-            raise Missing("eval_test.json not found")
-        s.figure(folder / "figures" / "masks_test.png",
+        if not (folder / "eval_tensors_test.json").exists():
+            raise Missing("eval_tensors_test.json not found")
+        s.figure(folder / "figures" / "masks_tensors_test.png",
                  "Masks per task (paper Fig. 8): for each task, which time slots and places U-MASK reveals as evidence "
                  "(share of users), the joint time x place mask, and how concentrated the mask values are.")
-        s.figure(folder / "figures" / "fpat_test.png",
+        s.figure(folder / "figures" / "fpat_tensors_test.png",
                  "Behaviour patterns (paper Fig. 9): the users' pattern features F_pat in 2-D, coloured by soft group and "
                  "by the share of their history U-MASK reveals.")
         from scope.report_figures import read_scalars

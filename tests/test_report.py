@@ -55,13 +55,13 @@ def run(tmp_path):
         for stage, v in (("before SFT", 0.0), ("after SFT", 0.5), ("after DPO", 1.0))})
     dump(root / "dpo" / "metrics.json", {"pairs": 50, "train_reward_accuracy": 0.75, "train_reward_margin": 0.42})
     dump(root / "sft" / "metrics.json", {"train_users": 149, "train_loss": 1.23})
-    dump(root / "compare" / "comparison.json", {"tasks": {
+    dump(root / "compare" / "comparison.json", {"headline": "short: best is U-MASK + DiT (0.9871)", "tasks": {
         task: {"historical average": {"rmse_norm": 1.1, "mae_norm": 0.5},
                "U-MASK + DiT": {"rmse_norm": 0.9871, "mae_norm": 0.4, "recall@3": 0.6}}
         for task in ("short", "long", "cold")}})
-    dump(root / "completion" / "eval_test.json", {"tasks": {}})
-    png(root / "completion" / "figures" / "masks_test.png", 1)
-    png(root / "completion" / "figures" / "fpat_test.png", 2)
+    dump(root / "completion" / "eval_tensors_test.json", {"tasks": {}})
+    png(root / "completion" / "figures" / "masks_tensors_test.png", 1)
+    png(root / "completion" / "figures" / "fpat_tensors_test.png", 2)
     metrics = {"prec_w": 0.2253, "rec_w": 0.24, "prec_m": 0.18, "rec_m": 0.19, "ndcg3": 0.41, "ndcg5": 0.48}
     dump(root / "pituning" / "report.json", {"metrics": {"PITuning": metrics}, "student_params": 700050})
     dump(root / "lightgbm" / "lightgbm.json", {"metrics": {"LightGBM per user": {**metrics, "prec_m": 0.147}}})
@@ -72,8 +72,8 @@ def test_report_shows_every_result_and_says_why_one_is_missing(run, tmp_path):
     path = build_report(run, run / "report", title="fixture run")
     page = path.read_text()
     assert page.startswith("<!DOCTYPE html>") and "fixture run" in page
-    for text in ("What was run", "after DPO", "0.9871", "LightGBM per user", "0.147", "0.75", "Short-term prediction",
-                 "Cold-start", "880,703", "abc123", "User clusters", "Masks per task"):
+    for text in ("What was run", "after DPO", "0.9871", "In short: short: best is U-MASK + DiT", "LightGBM per user",
+                 "0.147", "0.75", "Short-term prediction", "Cold-start", "880,703", "abc123", "User clusters", "Masks per task"):
         assert text in page, text
     # the failed stage and the stage that never ran are labelled boxes with their reason, not a crash
     assert "stage &#39;synthesis&#39; failed (exit 1 of `python recipes/synthesize.py train`)" in page

@@ -119,3 +119,16 @@ def test_unknown_baseline_names_are_rejected():
     assert isinstance(make_baseline("ha", profile=False), HistoricalAverage)
     with pytest.raises(ValueError, match="unknown baseline 'prophet'"):
         make_baseline("prophet")
+
+
+def test_arima_fits_the_history_since_the_last_gap():
+    batch = sinusoid_batch(B=1, T=64, noise=0.05, seed=2)
+    x = batch.x.clone()
+    x[:, :, :20] += 50.0  # a different regime before a missing stretch
+    batch = type(batch)(**{**batch.__dict__, "x": x})
+    observed = batch.observed.clone()
+    observed[:, 20:24] = False  # a missing hour
+    regions = make_regions(LONG, observed, 1, TaskConfig(long_horizon=16))
+    pred = ARIMA(order=(1, 0, 0), fourier=0).predict(batch, LONG, regions)
+    t = regions.target
+    assert ((pred - batch.x)[t] ** 2).mean() < 1.0  # fitted on slots 24..47 only, not pulled toward +50

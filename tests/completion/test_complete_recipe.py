@@ -54,14 +54,14 @@ def test_nj_train_resume_evaluate_predict(nj_path, tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
     report = run("evaluate", tmp_path, data_path=nj_path)
-    saved = json.loads((tmp_path / "eval_test.json").read_text())
+    saved = json.loads((tmp_path / "eval_nj_traffic_users_64_test.json").read_text())
     assert saved["tasks"]["short"]["rmse"] == report["short"]["rmse"]
     assert all(v > 0 for t in ("short", "long") for v in report[t]["rmse_orig"])
-    for name in ("masks_test.png", "fpat_test.png"):
+    for name in ("masks_nj_traffic_users_64_test.png", "fpat_nj_traffic_users_64_test.png"):
         assert (tmp_path / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     run("predict", tmp_path, "--evidence", "available", data_path=nj_path)
-    with safe_open(str(tmp_path / "predictions_test.safetensors"), framework="pt") as f:
+    with safe_open(str(tmp_path / "predictions_nj_traffic_users_64_test.safetensors"), framework="pt") as f:
         mean, lo, hi = (f.get_tensor(f"long.{k}") for k in ("mean", "lower", "upper"))
         target, available = f.get_tensor("long.target").bool(), f.get_tensor("long.available").bool()
     assert mean.shape == (6, 2, 64, 4, 4) and (lo <= mean + 1e-3).all() and (mean <= hi + 1e-3).all()
@@ -77,7 +77,55 @@ def test_per_user_tensors_train_evaluate_with_app_ranking(user_tensors, tmp_path
     ranking = report["long"]["recommendation"]
     assert set(ranking) >= {"recall@1", "ndcg@3", "mrr@5"} and 0 <= ranking["recall@5"] <= 1
     run("predict", tmp_path, *users, "--split", "val", config="complete_users.yaml", data_path=user_tensors)
-    with safe_open(str(tmp_path / "predictions_val.safetensors"), framework="pt") as f:
+    with safe_open(str(tmp_path / f"predictions_{user_tensors.name}_val.safetensors"), framework="pt") as f:
         order = f.get_tensor("short.app_ranking")
         assert f.get_tensor("user_id").shape == (5,)
     assert order.shape == (5, 20) and torch.equal(order.sort(1).values, torch.arange(20).expand(5, 20))
+
+
+def test_a_fixed_mask_checkpoint_evaluates_with_its_own_mask(nj_path, tmp_path):
+    run("train", tmp_path / "fixed", "--steps", "1", "--mask", "random", "--calibrate", "false", data_path=nj_path)
+    run("evaluate", tmp_path / "fixed", "--figures", "false", data_path=nj_path)
+    saved = json.loads((tmp_path / "fixed" / "eval_nj_traffic_users_64_test.json").read_text())
+    assert saved["evidence"] == "available"  # not an untrained U-MASK
+    run("train", tmp_path / "umask", "--steps", "1", "--calibrate", "false", data_path=nj_path)
+    run("evaluate", tmp_path / "umask", "--figures", "false", data_path=nj_path)
+    assert json.loads((tmp_path / "umask" / "eval_nj_traffic_users_64_test.json").read_text())["evidence"] == "umask"
+
+
+def test_one_checkpoint_on_another_city_file_keeps_both_results(nj_path, tmp_path):
+    from completion.city import resample_city
+
+    run("train", tmp_path, "--steps", "1", data_path=nj_path)  # trains, then calibrates on NJ's val
+    calibration = json.loads((tmp_path / "calibration_nj_traffic_users_64.json").read_text())
+    assert calibration["spread"] != [[1.0, 1.0]] * 3 and all(0 <= a <= 1 for a in calibration["residual_weight"])
+    hourly = resample_city(nj_path, tmp_path / "hourly.npz", steps_per_slot=4, drop_poi=(0,))
+    run("evaluate", tmp_path, "--figures", "false", data_path=nj_path)
+    with pytest.raises(ValueError, match="20 POI categories, the model expects 21"):
+        run("evaluate", tmp_path, "--figures", "false", "--short_horizon", "1", "--long_horizon", "8",
+            data_path=hourly)
+    hourly_args = ("--figures", "false", "--short_horizon", "1", "--long_horizon", "8", "--pad_poi", "true")
+    run("calibrate", tmp_path, *hourly_args, data_path=hourly)  # adapts the residual weight and spread, no training
+    run("evaluate", tmp_path, *hourly_args, data_path=hourly)
+    assert (tmp_path / "eval_nj_traffic_users_64_test.json").exists() and (tmp_path / "eval_hourly_test.json").exists()
+    assert (tmp_path / "calibration_hourly.json").exists()
+    assert json.loads((tmp_path / "calibration_nj_traffic_users_64.json").read_text()) == calibration  # untouched
+
+
+def test_compare_runs_on_a_city_file_and_names_the_winner(nj_path, tmp_path):
+    from recipes import compare
+
+    run("train", tmp_path / "run", "--steps", "2", "--calibrate", "false", data_path=nj_path)
+    (args,) = TrlParser((compare.CompareArguments,)).parse_args_and_config(
+        ["--config", str(Path(complete.__file__).parent / "configs" / "complete_nj.yaml"), *TINY,
+         "--data_path", str(nj_path), "--run_dir", str(tmp_path / "run"), "--out_dir", str(tmp_path / "cmp"),
+         "--compare_entities", "6", "--patchtst_steps", "2", "--eval_tasks", "short", "long", "cold"])
+    report = compare.main(args)
+    assert report["cold_split"] == "test"  # a city file has no cold users: the scored split
+    assert set(report["tasks"]) == {"short", "long", "cold"}
+    assert "ARIMA(1,0,0) + daily Fourier" in report["tasks"]["short"]  # ARIMA is scored on the short task
+    assert "ARIMA(1,0,0) + daily Fourier (cold)" in report["skipped"]  # and says why it is not on cold start
+    assert report["headline"].startswith("short: best is ")
+    assert (tmp_path / "cmp" / "comparison.md").read_text().splitlines()[2] == report["headline"]
+    args.eval_tasks = ["short"]
+    assert set(compare.main(args)["tasks"]) == {"short"}  # eval_tasks decides, cold is not forced

@@ -37,7 +37,7 @@ def test_unknown_mask_or_task_in_train_config_is_an_error():
 def test_without_entity_conditioning_the_denoiser_ignores_the_entity(make_batch):
     batch = make_batch(B=3, C=2, T=8, H=2, W=3)
     torch.manual_seed(0)
-    dit = build_model(model_config(entity_conditioning=False)).dit
+    dit = build_model(model_config(entity_conditioning=False, prior="zero")).dit
     for block in dit.blocks:  # leave the zero start so the condition matters
         torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.1)
     torch.nn.init.normal_(dit.final_layer.linear.weight, std=0.1)

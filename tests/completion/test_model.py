@@ -1,5 +1,6 @@
 """U-MASK + DiT end to end: evidence kept exactly, L_rec trains the mask, a tiny model overfits."""
 
+import pytest
 import torch
 
 from completion.model import ModelConfig, build_model
@@ -84,3 +85,40 @@ def test_centering_uses_only_the_available_region(make_batch):
     assert torch.equal(model.offset(batch.x, regions), model.offset(shifted, regions))
     assert model.offset(batch.x, regions).abs().sum() > 0
     assert not tiny(batch, center=False).offset(batch.x, regions).any()
+
+
+def test_the_prior_gives_umask_a_gradient_without_changing_its_value(make_batch):
+    """Straight-through: same loss value with and without the smoother path, ~100x the mask gradient."""
+    batch = make_batch(B=8, C=2, T=16, H=2, W=3)
+    task = torch.tensor([0, 1] * 4)
+    regions = make_regions(task, batch.observed, 2, TaskConfig(2, 6, 3), torch.Generator().manual_seed(0))
+    grads, losses = {}, {}
+    for through_prior in (False, True):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(channels=2, T=16, cell_dim=4, entity_dim=7, patch_size=(2, 1, 3),
+                                        prior_gradient=through_prior, umask=dict(d=16)))
+        torch.nn.init.normal_(model.dit.final_layer.linear.weight, std=0.1)
+        for block in model.dit.blocks:
+            torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.1)
+        loss, _ = model.loss(batch, task, regions, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        losses[through_prior] = loss.item()
+        grads[through_prior] = model.umask.rho_logit.grad.abs().sum().item()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    assert grads[True] > 30 * grads[False] > 0
+
+
+def test_a_model_reads_data_of_another_step_length(make_batch):
+    model = build_model(ModelConfig(channels=2, T=8, cell_dim=4, entity_dim=7, patch_size=(2, 1, 3),
+                                    prior_damping=0.9, prior_shrinkage=8.0, umask=dict(d=8))).eval()
+    model.profile.copy_(torch.arange(96.0).expand(2, 96))
+    model.set_slots_per_day(24)  # hourly data
+    assert model.profile.shape == (2, 24) and model.profile[0, :2].tolist() == pytest.approx([1.5, 5.5])
+    assert model.prior_damping == pytest.approx(0.9 ** 4)  # one hour decays as four quarter-hours did
+    assert model.prior_shrinkage == pytest.approx(2.0)  # pseudo-entries, in proportion to a day's entries
+    assert model.dit.calendar_embedder.slots_per_day == 24
+    batch = make_batch(B=2, C=2, T=8, H=2, W=3)
+    batch = type(batch)(**{**batch.__dict__, "timestamps": batch.timestamps % 24})
+    task = torch.tensor([0, 1])
+    regions = make_regions(task, batch.observed, 2, TaskConfig(2, 4, 3))
+    assert torch.isfinite(model.complete(batch, task, regions, n_samples=2, steps=2).point).all()

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from completion.model import ModelConfig
+from completion.model import ModelConfig, build_model
 from completion.tasks import TaskConfig
-from completion.train import CHECKPOINT, TrainConfig, info_nce, load_model, train
+from completion.train import CHECKPOINT, TrainConfig, checkpoint_configs, info_nce, load_model, train
 
 TASKS = TaskConfig(short_horizon=2, long_horizon=4, cold_revealed=3)
 
@@ -62,3 +62,46 @@ def test_ema_weights_are_saved_and_reloaded_for_evaluation(make_batch, tmp_path)
         assert torch.equal(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters()))
     assert loaded.umask.bank_seen.sum() == 2 * 4  # the bank travels with the weights
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint_loadable(make_batch, tmp_path, monkeypatch):
+    import completion.train as train_module
+
+    data, model_config = setup(make_batch)
+    train(model_config, data, TASKS, TrainConfig(steps=2, batch_size=4), out_dir=tmp_path, progress=False)
+    before = (tmp_path / CHECKPOINT).read_bytes()
+
+    def dies_halfway(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the process is interrupted while writing
+
+    monkeypatch.setattr(train_module, "save_file", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        train(model_config, data, TASKS, TrainConfig(steps=4, batch_size=4, checkpoint_every=1), out_dir=tmp_path,
+              progress=False)
+    assert (tmp_path / CHECKPOINT).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]  # no temporary file left behind
+    assert load_model(tmp_path / CHECKPOINT) is not None
+
+
+def test_the_checkpoint_stores_every_config(make_batch, tmp_path):
+    data, model_config = setup(make_batch)
+    config = TrainConfig(steps=1, batch_size=4, mask="tube", mask_ratio=0.5, history_dropout=(0.5,))
+    train(model_config, data, TASKS, config, out_dir=tmp_path, progress=False)
+    stored_model, stored_train, stored_tasks = checkpoint_configs(tmp_path / CHECKPOINT)
+    assert (stored_model, stored_train, stored_tasks) == (model_config, config, TASKS)
+
+
+def test_history_dropout_and_the_regression_objective_train(make_batch):
+    data, model_config = setup(make_batch)
+    assert build_model(model_config).dit.final_layer.linear.weight.abs().sum() == 0  # adaLN-Zero start
+    for config in (TrainConfig(steps=2, batch_size=4, history_dropout=(0.5, 0.9)),
+                   TrainConfig(steps=2, batch_size=4, objective="regression")):
+        model, _, logs = train(model_config, data, TASKS, config, progress=False)
+        assert all(math.isfinite(log["loss"]) for log in logs)
+        assert model.dit.final_layer.linear.weight.abs().sum() > 0  # the residual head moved
+    with pytest.raises(ValueError, match="unknown objective"):
+        TrainConfig(objective="gan")
+    with pytest.raises(ValueError, match="history_dropout"):
+        TrainConfig(history_dropout=(1.0,))
