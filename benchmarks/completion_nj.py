@@ -2,7 +2,7 @@
 (short: next 4 slots; long: last 32 of 64), under history sparsity, under UoMo's published
 protocol, and zero-shot on resampled / rescaled versions of NJ.
 
-    python -m benchmarks.completion_nj            # ~2 h on 2 CPU cores
+    python -m benchmarks.completion_nj            # ~80 min on 2 CPU cores
     python -m benchmarks.completion_nj --quick    # a few minutes: smoke run, numbers meaningless
 
 Protocol (see benchmarks/completion_common.py): training and normalisation on train, every choice
@@ -196,7 +196,7 @@ def markdown(table: dict, command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser, steps=2000, batch_size=64, patchtst_steps=600, name="completion_nj")
+    add_arguments(parser, steps=1400, batch_size=64, patchtst_steps=600, name="completion_nj")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--entity_conditioning", type=lambda s: s.lower() == "true", default=True,
                         help="POI conditioning (on: better on val, see the README's ablation)")
