@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from completion.data import Batch
 from completion.evaluate import EVIDENCE, complete_chunked
 from completion.model import CompletionModel
-from completion.priors import carry_prior, slot_profile
+from completion.priors import carry_prior, profile_at, slot_profile
 from completion.tasks import Regions, TaskConfig, make_regions, task_index
 
 
@@ -86,7 +86,7 @@ class HistoricalAverage:
         if self.use_profile:
             if self.profile is None:
                 raise RuntimeError("HistoricalAverage(profile=True) must be fitted first")
-            prof = self.profile[:, batch.timestamps[..., 1].long()].permute(1, 0, 2)[..., None, None]  # [B, C, T, 1, 1]
+            prof = profile_at(self.profile, batch.timestamps)  # [B, C, T, 1, 1]
             prof_seen = (prof * A).sum(2, keepdim=True) / n_cell.clamp(min=1)
             pred = pred + prof - torch.where(n_cell > 0, prof_seen, prof.mean(2, keepdim=True))
         return pred

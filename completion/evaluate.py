@@ -21,7 +21,7 @@ from completion.data import Batch
 from completion.masks import MaskOutput
 from completion.metrics import coverage, crps, rmse_mae
 from completion.model import CompletionModel
-from completion.priors import carry_prior, shrunk_mean, slot_profile
+from completion.priors import carry_prior, profile_at, shrunk_mean, slot_profile
 from completion.tasks import Regions, TaskConfig, drop_history, make_regions, task_index
 
 
@@ -191,7 +191,7 @@ def choose_prior(train: Batch, val: Batch, tasks: tuple[str, ...], config: TaskC
     ~1, bursty per-user counts ~0.5; cold-start users with four revealed entries want their few
     values shrunk."""
     profile = slot_profile(train.x, train.observed, train.timestamps, slots_per_day) if seasonal else None
-    season = None if profile is None else profile[:, val.timestamps[..., 1].long()].permute(1, 0, 2)[..., None, None]
+    season = None if profile is None else profile_at(profile, val.timestamps)
     regions = {name: task_regions(val, name, config)[1] for name in tasks}
     scores = {}
     for k in shrinkages:

@@ -53,7 +53,8 @@ from completion.data import Batch
 from completion.diffusion import VPSchedule, sample_many, x0_loss
 from completion.dit import DiT, dit_from_preset
 from completion.masks import MaskOutput, UMask
-from completion.priors import PRIORS, compute_prior, resample_profile, shrunk_mean, slot_profile, smoother_gradient
+from completion.priors import (PRIORS, compute_prior, profile_at, resample_profile, shrunk_mean, slot_profile,
+                               smoother_gradient)
 from completion.tasks import TASKS, Regions, TaskConfig, make_regions
 
 OBJECTIVES = ("diffusion", "regression")
@@ -142,7 +143,7 @@ class CompletionModel(nn.Module):
         """The slot-of-day profile at every slot -> [B, C, T, 1, 1] (None without it)."""
         if not self.prior_seasonal or timestamps is None:
             return None
-        return self.profile[:, timestamps[..., 1].long()].permute(1, 0, 2)[..., None, None]
+        return profile_at(self.profile, timestamps)
 
     def prior(self, x: Tensor, evidence: Tensor, timestamps: Tensor | None) -> Tensor:
         """The deterministic prior of x [B, C, T, H, W] from its evidence entries alone."""

@@ -124,6 +124,11 @@ def slot_profile(x: Tensor, observed: Tensor, timestamps: Tensor, slots_per_day:
     return total / count.clamp(min=1)
 
 
+def profile_at(profile: Tensor, timestamps: Tensor) -> Tensor:
+    """A [C, slots_per_day] profile read at every slot of timestamps [B, T, 2] -> [B, C, T, 1, 1]."""
+    return profile[:, timestamps[..., 1].long()].permute(1, 0, 2)[..., None, None]
+
+
 def resample_profile(profile: Tensor, slots_per_day: int) -> Tensor:
     """A [C, S] slot-of-day profile on another day resolution [C, slots_per_day] (piecewise-linear,
     periodic), e.g. a 15-minute profile read at 30- or 60-minute steps."""
