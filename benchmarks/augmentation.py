@@ -4,7 +4,7 @@ recipe (``recipes/sft.py``, same seed), without and with the synthetic cohort of
 ``steps * (real + synthetic) / real`` steps, so both students see each real user equally often; a
 third run, ``real_long``, trains on the real users only for as many steps as the augmented one, to
 separate the effect of the synthetic users from that of the longer training. Each student answers
-(greedy, ``scope.evaluation``) for users never trained on:
+(greedy, ``scope.profiles.evaluation``) for users never trained on:
 
 - ``cold``: the cohort's own cold-start users (fewer than 50 records in the whole week);
 - ``cold_sim``: held-out val + test users cut to their first ``--cold_records`` records (simulated
@@ -59,10 +59,10 @@ def main() -> dict:
     from trl import ModelConfig, SFTConfig, TrlParser
 
     from recipes import sft
-    from scope.corpus import build_corpus
-    from scope.evaluation import generate_answers, score_answer, summarize
-    from scope.models import load_student, load_tokenizer
-    from scope.synthesis import read_profiles
+    from scope.profiles.corpus import build_corpus
+    from scope.profiles.evaluation import generate_answers, score_answer, summarize
+    from scope.profiles.llms import load_student, load_tokenizer
+    from scope.synthesis.generation import read_profiles
 
     synthesis, work = Path(args.synthesis_dir), Path(args.work_dir)
     synthetic = synthesis / "stage" / "cohort"

@@ -29,7 +29,7 @@ def emit(name: str, figures: dict) -> dict:
 def filtered_cohort(src: Path, dst: Path, keep) -> Path:
     """A copy of the Tsinghua cohort ``src`` in ``dst`` whose trace keeps the rows where
     ``keep(trace)`` is true (``trace``: the raw rows as strings, columns 0..4)."""
-    from scope.tsinghua import TRACE_FILE
+    from scope.data.tsinghua import TRACE_FILE
 
     dst.mkdir(parents=True, exist_ok=True)
     for path in src.iterdir():

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from completion.baselines import ARIMA, DiTForecaster, HistoricalAverage, PatchTST, Persistence, train_patchtst
-from completion.data import Batch
+from completion.batch import Batch
 from completion.evaluate import Sparsity, calibrate, evaluate
 from completion.masks import FIXED_MASKS
 from completion.model import CompletionModel, ModelConfig

@@ -51,7 +51,7 @@ DAY = 86400
 def prepare(args, work: Path) -> dict:
     """Simulate, profile week 1, embed, tensorize -> batches per split (+ the mean-embedding test batch)."""
     from recipes import embed, tensorize
-    from scope.simulate import CohortConfig, simulate_cohort
+    from scope.data.simulate import CohortConfig, simulate_cohort
 
     cohort = work / "cohort"
     if not (cohort / "cohort.json").exists():

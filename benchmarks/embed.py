@@ -1,4 +1,4 @@
-"""Throughput of recipes/embed.py's encoder (frozen Sentence-BERT + MLP head, scope.embedding) vs raw
+"""Throughput of recipes/embed.py's encoder (frozen Sentence-BERT + MLP head, scope.profiles.embedding) vs raw
 ``SentenceTransformer.encode`` on the same profile texts, alternated; median of the repeats.
 Target: ratio = users_per_s / raw_users_per_s >= 0.9.
 
@@ -24,9 +24,9 @@ def main() -> dict:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from scope.corpus import ProfileDataArguments, build_corpus
-    from scope.embedding import EmbeddingHead, HeadConfig, ProfileEncoder
-    from scope.models import load_embedder
+    from scope.profiles.corpus import ProfileDataArguments, build_corpus
+    from scope.profiles.embedding import EmbeddingHead, HeadConfig, ProfileEncoder
+    from scope.profiles.llms import load_embedder
 
     corpus = build_corpus(ProfileDataArguments(cohort_dir=f"{args.work_dir}/cohort", n_users=args.users, days=2,
                                                teacher_cache_dir=f"{args.work_dir}/cache"))

@@ -35,9 +35,9 @@ import torch
 from benchmarks.common import emit, peak_rss_mb
 from recipes.pituning import (METRIC_KEYS, distilled_student, individual_config, individual_test,
                               parse, pooled, population_model, prepare_data, rarest_intents, results_table, score)
-from scope.intent_baselines import lightgbm_individual, lightgbm_pooled
-from scope.intents import INTENT_TRACE_FILE, IntentCohortConfig, simulate_intent_cohort
-from scope.pituning import (IntentPredictor, StageConfig, cpu_latency_ms, export_student, fit, predict,
+from scope.pituning.baselines import lightgbm_individual, lightgbm_pooled
+from scope.pituning.data import INTENT_TRACE_FILE, IntentCohortConfig, simulate_intent_cohort
+from scope.pituning.model import (IntentPredictor, StageConfig, cpu_latency_ms, export_student, fit, predict,
                             student_config, supervised_loss, tune_individuals)
 
 

@@ -40,9 +40,9 @@ def main() -> dict:
     args = parser.parse_args()
     work = Path(args.work_dir)
 
-    from scope.corpus import ProfileDataArguments, build_corpus
-    from scope.models import load_tokenizer, resolve_model
-    from scope.sft import sft_dataset
+    from scope.profiles.corpus import ProfileDataArguments, build_corpus
+    from scope.profiles.llms import load_tokenizer, resolve_model
+    from scope.profiles.sft import sft_dataset
 
     data_args = ProfileDataArguments(cohort_dir=str(work / "cohort"), teacher_cache_dir=str(work / "cache"))
     train = sft_dataset(build_corpus(data_args))

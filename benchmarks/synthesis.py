@@ -51,12 +51,12 @@ def main() -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from recipes import synthesize
-    from scope.corpus import build_corpus
-    from scope.fidelity import compare
-    from scope.models import load_student, load_tokenizer
-    from scope.synthesis import (RecordPools, conditioning_prompt, load_grammar, parse_generated, plan_requests,
+    from scope.profiles.corpus import build_corpus
+    from scope.synthesis.fidelity import compare
+    from scope.profiles.llms import load_student, load_tokenizer
+    from scope.synthesis.generation import (RecordPools, conditioning_prompt, load_grammar, parse_generated, plan_requests,
                                  read_profiles, read_shards, sample_windows, written_back_events)
-    from scope.traces import GrammarTokens, TraceWindow
+    from scope.synthesis.traces import GrammarTokens, TraceWindow
 
     work = Path(args.work_dir)
     stage = work / "stage"
@@ -136,8 +136,8 @@ def main() -> dict:
 def two_week_cohort(work: Path, users: int, days: int) -> tuple[Path, pd.DataFrame]:
     """Simulate ``users`` x ``2 * days`` days; write the first ``days`` days as the real cohort
     (once) and return its folder and the events of the other days (the reference week)."""
-    from scope.simulate import CohortConfig, simulate_cohort
-    from scope.tsinghua import TRACE_FILE, load_cohort
+    from scope.data.simulate import CohortConfig, simulate_cohort
+    from scope.data.tsinghua import TRACE_FILE, load_cohort
 
     simulated, cohort = work / f"simulated-{users}x{2 * days}", work / f"cohort-{users}x{days}"
     if not (simulated / TRACE_FILE).exists():

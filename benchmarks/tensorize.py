@@ -21,9 +21,9 @@ from benchmarks.common import emit, peak_rss_mb
 
 def timed_run(cohort_dir: Path, out_dir: Path) -> dict:
     from completion.tensors import TensorConfig, tensorize_cohort
-    from scope.locations import cluster_locations
-    from scope.splits import UserSplitter
-    from scope.tsinghua import TRACE_FILE, TraceValidator, read_metadata, stream_trace
+    from scope.data.locations import cluster_locations
+    from scope.data.splits import UserSplitter
+    from scope.data.tsinghua import TRACE_FILE, TraceValidator, read_metadata, stream_trace
 
     start = time.perf_counter()
     categories, app_category, base_poi, _ = read_metadata(cohort_dir)
@@ -52,7 +52,7 @@ def main() -> None:
         import json
         print(json.dumps(timed_run(cohort_dir, out_dir)))
         return
-    from scope.simulate import CohortConfig, simulate_cohort
+    from scope.data.simulate import CohortConfig, simulate_cohort
     cfg = CohortConfig(n_users=args.users, days=7, seed=0, events_per_day=args.events_per_day, n_stations=9851,
                        n_apps=1696)
     if not (cohort_dir / "cohort.json").exists():

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from completion.data import Batch
+from completion.batch import Batch
 from completion.evaluate import EVIDENCE, complete_chunked
 from completion.model import CompletionModel
 from completion.priors import carry_prior, profile_at, slot_profile

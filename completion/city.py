@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from completion.data import Batch
+from completion.batch import Batch
 from completion.normalization import Log1pStandardizer
 from completion.uomo import UoMoScaler
 from scope.io import atomic_path

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from completion.data import Batch
+from completion.batch import Batch
 from completion.masks import MaskOutput
 from completion.metrics import coverage, crps, rmse_mae
 from completion.model import CompletionModel

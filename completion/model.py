@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from completion.data import Batch
+from completion.batch import Batch
 from completion.diffusion import VPSchedule, sample_many, x0_loss
 from completion.dit import DiT, dit_from_preset
 from completion.masks import MaskOutput, UMask

@@ -268,7 +268,7 @@ def tensorize_cohort(blocks: Iterable[pd.DataFrame], out_dir: str | Path, *, cat
 
     ``stations`` (index location id, columns ``lat, lon``) enables the geographic grid layout
     (``cfg.spatial`` ``auto`` or ``grid``). ``assign_split(user_ids, n_events)`` names each
-    user's split as its events complete (e.g. :class:`scope.splits.UserSplitter`); the normaliser
+    user's split as its events complete (e.g. :class:`scope.data.splits.UserSplitter`); the normaliser
     is fitted on ``train`` users only. ``meta`` is stored as is in ``dataset.json``. Returns
     the ``dataset.json`` content; it is written last, so its presence marks a complete dataset.
     """

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from completion.data import Batch
+from completion.batch import Batch
 from completion.masks import FIXED_MASKS, fixed_mask
 from completion.model import OBJECTIVES, CompletionModel, ModelConfig, build_model
 from completion.tasks import DROP_KINDS, TASKS, TaskConfig, drop_history, make_regions, task_index

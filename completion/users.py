@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from completion.data import Batch
+from completion.batch import Batch
 from completion.tensors import BehaviourTensors
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from trl import TrlParser
 
-from scope.simulate import CohortConfig, simulate_cohort
+from scope.data.simulate import CohortConfig, simulate_cohort
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Summary of a cohort and its behaviour tensors: users per persona and split, figures (scope/cohort_report.py).
+"""Summary of a cohort and its behaviour tensors: users per persona and split, figures (scope/run/cohort_report.py).
 
     python recipes/cohort_summary.py --cohort_dir runs/demo/cohort --tensors_dir runs/demo/tensors \
         --out_dir runs/demo/summary
@@ -11,9 +11,9 @@ import pandas as pd
 from trl import TrlParser
 
 from completion.tensors import BehaviourTensors
-from scope.cohort_report import summarize
-from scope.simulate import read_ground_truth
-from scope.tsinghua import load_cohort
+from scope.run.cohort_report import summarize
+from scope.data.simulate import read_ground_truth
+from scope.data.tsinghua import load_cohort
 
 
 @dataclass

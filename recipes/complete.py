@@ -36,7 +36,7 @@ from torch.utils.tensorboard import SummaryWriter
 from trl import TrlParser
 
 from completion.city import load_city
-from completion.data import Batch
+from completion.batch import Batch
 from completion.evaluate import (EVIDENCE, calibrate, choose_prior, complete_chunked, task_regions,
                                  umask_outputs)
 from completion.figures import mask_figure, pattern_figure

@@ -11,7 +11,7 @@ cohort -> tensors -> summary -> sft -> dpo -> evaluate -> synthesis -> embed -> 
 -> pituning -> lightgbm -> report. Each stage is a subprocess running its own recipe with its own
 YAML (recipes/configs/demo_*.yaml), writes under ``<run_dir>/<stage>/`` and records what it
 consumed in ``stage.json``; an up-to-date stage is skipped, so an interrupted run resumes where
-it stopped (scope/pipeline.py). The report is ``<run_dir>/report/index.html``.
+it stopped (scope/run/pipeline.py). The report is ``<run_dir>/report/index.html``.
 """
 
 import sys
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from scope.pipeline import PipelineError, Stage, run_pipeline
+from scope.run.pipeline import PipelineError, Stage, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
     accelerate launch recipes/dpo.py                      # CPU default: recipes/configs/dpo_cpu.yaml
 
 Preference triplets (x_u, y_w = grounded profile, y_l = popularity profile / another user's
-profile / a failing student sample, see scope.dpo). The SFT adapter is merged into the base
+profile / a failing student sample, see scope.profiles.dpo). The SFT adapter is merged into the base
 weights and a new LoRA is trained with TRL's DPOTrainer: with no ``ref_model`` the reference is
 the adapter-disabled model, i.e. the SFT student. Reports reward accuracy / margins (train and
 held-out pairs) and the grounding score of the aligned student; saves adapter, tokenizer and a
@@ -19,11 +19,11 @@ from pathlib import Path
 from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
 
 from recipes.sft import use_cpu_threads, with_default_config
-from scope.corpus import ProfileDataArguments, build_corpus
-from scope.dpo import preference_dataset
-from scope.evaluation import generate_answers, held_out_metrics
-from scope.models import load_student, load_tokenizer
-from scope.sft import set_stop_token, train_and_save, write_model_card
+from scope.profiles.corpus import ProfileDataArguments, build_corpus
+from scope.profiles.dpo import preference_dataset
+from scope.profiles.evaluation import generate_answers, held_out_metrics
+from scope.profiles.llms import load_student, load_tokenizer
+from scope.profiles.sft import set_stop_token, train_and_save, write_model_card
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "dpo_cpu.yaml"
 
@@ -91,7 +91,7 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
         write_model_card(out, title="U-SCOPE profile student (DPO, LoRA on the merged SFT student)",
                          base_model=model_args.model_name_or_path, stage="dpo", metrics=metrics,
                          configs={"script": asdict(script_args), "model": asdict(model_args), "training": training_args},
-                         notes=f"Apply after the SFT adapter: scope.models.load_student(base, ['{script_args.sft_adapter}', "
+                         notes=f"Apply after the SFT adapter: scope.profiles.llms.load_student(base, ['{script_args.sft_adapter}', "
                                f"'{out}']). Reference policy = adapter disabled = the SFT student.")
     print(f"DPO: reward accuracy {metrics['train_reward_accuracy']}, margin {metrics['train_reward_margin']}; saved to {out}")
     return metrics

@@ -4,7 +4,7 @@
 
 Profiles come from the teacher (default: the grounded teacher, cached) or, with ``student``, from
 a distilled student answering every prompt (users whose answer is invalid fall back to the
-teacher's profile and are counted). Output format: see scope/embedding.py.
+teacher's profile and are counted). Output format: see scope/profiles/embedding.py.
 """
 
 import logging
@@ -17,10 +17,10 @@ import numpy as np
 from trl import TrlParser
 
 from recipes.sft import with_default_config
-from scope.corpus import ProfileDataArguments, build_corpus
-from scope.embedding import EmbeddingHead, HeadConfig, ProfileEncoder, write_user_embeddings
-from scope.models import EMBEDDER, load_embedder
-from scope.profiles import ProfileError, parse_profile
+from scope.profiles.corpus import ProfileDataArguments, build_corpus
+from scope.profiles.embedding import EmbeddingHead, HeadConfig, ProfileEncoder, write_user_embeddings
+from scope.profiles.llms import EMBEDDER, load_embedder
+from scope.profiles.schema import ProfileError, parse_profile
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "embed.yaml"
 log = logging.getLogger("recipes.embed")
@@ -46,9 +46,9 @@ def profile_texts(args: EmbedArguments, corpus, users: list[int]) -> tuple[list[
     profiles = {u: corpus.results[u].profile for u in users}
     fallbacks = 0
     if args.student_base:
-        from scope.evaluation import generate_answers
-        from scope.models import load_student, load_tokenizer
-        from scope.sft import set_stop_token
+        from scope.profiles.evaluation import generate_answers
+        from scope.profiles.llms import load_student, load_tokenizer
+        from scope.profiles.sft import set_stop_token
 
         tokenizer = load_tokenizer(args.student_base)
         model = load_student(args.student_base, args.student_adapters)

@@ -3,7 +3,7 @@
     python recipes/evaluate.py                            # CPU default: recipes/configs/evaluate.yaml
 
 Each stage is the base model with a list of adapters (none; SFT; SFT then DPO); metrics are in
-scope/evaluation.py. Writes ``evaluation.md`` (the table), ``evaluation.json`` and each stage's
+scope/profiles/evaluation.py. Writes ``evaluation.md`` (the table), ``evaluation.json`` and each stage's
 raw answers under ``out_dir``.
 """
 
@@ -17,11 +17,11 @@ from pathlib import Path
 from trl import TrlParser
 
 from recipes.sft import use_cpu_threads, with_default_config
-from scope.corpus import ProfileDataArguments, build_corpus
-from scope.evaluation import evaluate_student, evaluation_table
+from scope.profiles.corpus import ProfileDataArguments, build_corpus
+from scope.profiles.evaluation import evaluate_student, evaluation_table
 from scope.io import write_json, write_text
-from scope.models import load_student, load_tokenizer
-from scope.sft import set_stop_token
+from scope.profiles.llms import load_student, load_tokenizer
+from scope.profiles.sft import set_stop_token
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "evaluate.yaml"
 log = logging.getLogger("recipes.evaluate")

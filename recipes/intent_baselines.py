@@ -17,7 +17,7 @@ from pathlib import Path
 from trl import TrlParser
 
 from recipes.pituning import PITuningArguments, individual_test, prepare_data, results_table, score
-from scope.intent_baselines import lightgbm_individual, lightgbm_pooled
+from scope.pituning.baselines import lightgbm_individual, lightgbm_pooled
 from scope.io import write_json, write_text
 
 

@@ -22,10 +22,10 @@ import torch
 from trl import TrlParser
 
 from completion.metrics import intent_metrics, recall_per_class
-from scope.intents import (INTENT_TRACE_FILE, IntentCohortConfig, IntentData, IntentSamples, SampleConfig,
+from scope.pituning.data import (INTENT_TRACE_FILE, IntentCohortConfig, IntentData, IntentSamples, SampleConfig,
                            build_samples, load_intent_cohort, simulate_intent_cohort)
 from scope.io import write_json, write_text
-from scope.pituning import (BackboneConfig, IndividualConfig, IntentPredictor, PredictorConfig, StageConfig,
+from scope.pituning.model import (BackboneConfig, IndividualConfig, IntentPredictor, PredictorConfig, StageConfig,
                             UserResult, cpu_latency_ms, distill_loss, export_student, fit, load_weights,
                             population_loss, predict, student_config, tune_individuals, with_teacher_logits)
 

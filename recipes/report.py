@@ -2,7 +2,7 @@
 
     python recipes/report.py --run_dir runs/demo [--out_dir runs/demo/report --demo_config recipes/configs/demo.yaml]
 
-Reads what the stages of recipes/demo.py wrote under ``run_dir`` (see scope/report.py); a stage
+Reads what the stages of recipes/demo.py wrote under ``run_dir`` (see scope/run/report.py); a stage
 that failed or did not run shows as a labelled "not available" box. Open ``<out_dir>/index.html``
 in any browser; figures are embedded, so the single file can be mailed.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from trl import TrlParser
 
-from scope.report import build_report
+from scope.run.report import build_report
 
 
 @dataclass

@@ -24,8 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 from trl import TrlParser
 
-from scope.models import load_student, load_tokenizer
-from scope.sft import set_stop_token
+from scope.profiles.llms import load_student, load_tokenizer
+from scope.profiles.sft import set_stop_token
 
 log = logging.getLogger("recipes.serve")
 

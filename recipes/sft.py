@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
-from scope.corpus import ProfileDataArguments, build_corpus
-from scope.evaluation import held_out_metrics
-from scope.models import load_causal_lm, load_tokenizer
-from scope.sft import set_stop_token, sft_dataset, train_and_save, write_model_card
+from scope.profiles.corpus import ProfileDataArguments, build_corpus
+from scope.profiles.evaluation import held_out_metrics
+from scope.profiles.llms import load_causal_lm, load_tokenizer
+from scope.profiles.sft import set_stop_token, sft_dataset, train_and_save, write_model_card
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft_cpu.yaml"
 
@@ -78,7 +78,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
                          stage="sft", metrics=metrics,
                          configs={"script": asdict(script_args), "model": asdict(model_args), "training": training_args},
                          notes="Answers a structured usage-statistics prompt with chain-of-thought + a JSON user "
-                               "profile (scope.profiles.Profile). Load with scope.models.load_student(base, [this folder]).")
+                               "profile (scope.profiles.schema.Profile). Load with scope.profiles.llms.load_student(base, [this folder]).")
     print(f"saved the adapter, tokenizer and model card to {out} ({metrics['wall_s']} s)")
     return metrics
 

@@ -11,7 +11,7 @@ model card), ``cohort/`` (the synthetic Tsinghua-format files, ``profiles.jsonl`
 ``generation.json``, ``shards/``), ``report/`` (``fidelity.json`` and PNG figures). ``train``
 resumes from its last checkpoint and ``generate`` from its last complete shard. The three stages
 are also functions (:func:`train`, :func:`generate`, :func:`report`) taking the parsed dataclasses.
-Keys: scope.synthesis.SynthesisArguments + trl.SFTConfig + trl.ModelConfig.
+Keys: scope.synthesis.generation.SynthesisArguments + trl.SFTConfig + trl.ModelConfig.
 """
 
 import json
@@ -25,16 +25,16 @@ import torch
 from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
-from scope.corpus import build_corpus
-from scope.fidelity import fidelity_report
+from scope.profiles.corpus import build_corpus
+from scope.synthesis.fidelity import fidelity_report
 from scope.io import write_json
-from scope.models import load_causal_lm, load_student, load_tokenizer
-from scope.sft import train_and_save, write_model_card
-from scope.synthesis import (GRAMMAR_FILE, TRAIN_TRACES_FILE, RecordPools, SynthesisArguments, check_output_dir,
+from scope.profiles.llms import load_causal_lm, load_student, load_tokenizer
+from scope.profiles.sft import train_and_save, write_model_card
+from scope.synthesis.generation import (GRAMMAR_FILE, TRAIN_TRACES_FILE, RecordPools, SynthesisArguments, check_output_dir,
                              generate_shards, grammar_of, load_grammar, plan_requests, read_profiles, save_grammar,
                              serialise_cohort, trace_examples, write_cohort, written_back_events)
-from scope.traces import GrammarTokens, windows_from_events
-from scope.tsinghua import load_cohort
+from scope.synthesis.traces import GrammarTokens, windows_from_events
+from scope.data.tsinghua import load_cohort
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "synthesize_cpu.yaml"
 STAGES = ("train", "generate", "report")
@@ -91,8 +91,8 @@ def train(script_args: SynthesisArguments, training_args: SFTConfig, model_args:
         write_model_card(model_dir, title="U-SCOPE trace LM (synthesis, LoRA)", base_model=model_args.model_name_or_path,
                          stage="synthesis", metrics=metrics,
                          configs={"script": asdict(script_args), "model": asdict(model_args), "training": training_args},
-                         notes="Generates a user-day of event lines `sNN Category cK tL` (scope.traces) conditioned on "
-                               "a profile; decode with scope.traces.TraceLogitsProcessor.")
+                         notes="Generates a user-day of event lines `sNN Category cK tL` (scope.synthesis.traces) conditioned on "
+                               "a profile; decode with scope.synthesis.traces.TraceLogitsProcessor.")
     log.info("trace LM saved to %s (%s s)", model_dir, metrics["wall_s"])
     return metrics
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scope.simulate import CohortConfig, simulate_cohort
+from scope.data.simulate import CohortConfig, simulate_cohort
 
 torch.set_num_threads(1)
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -26,7 +26,7 @@ RECIPES = {
     "dpo": ("recipes.dpo", ["DPOScriptArguments", "trl:DPOConfig", "trl:ModelConfig"]),
     "evaluate": ("recipes.evaluate", ["EvaluateArguments"]),
     "embed": ("recipes.embed", ["EmbedArguments"]),
-    "synthesize": ("recipes.synthesize", ["scope.synthesis:SynthesisArguments", "trl:SFTConfig", "trl:ModelConfig"]),
+    "synthesize": ("recipes.synthesize", ["scope.synthesis.generation:SynthesisArguments", "trl:SFTConfig", "trl:ModelConfig"]),
     "complete": ("recipes.complete", ["CompleteArguments"]),
     "pituning": ("recipes.pituning", ["PITuningArguments"]),
     "demo": ("recipes.demo", ["DemoArguments"]),

@@ -1,4 +1,4 @@
-"""The stage runner (scope/pipeline.py) on toy stages: each is a tiny Python subprocess."""
+"""The stage runner (scope/run/pipeline.py) on toy stages: each is a tiny Python subprocess."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from scope.pipeline import PipelineError, Stage, hash_path, run_pipeline, up_to_date
+from scope.run.pipeline import PipelineError, Stage, hash_path, run_pipeline, up_to_date
 
 # A toy stage: copies its input file (or config) into out/result.txt, appending a tag; counts runs.
 SCRIPT = textwrap.dedent("""

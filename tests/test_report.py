@@ -1,4 +1,4 @@
-"""The run report (scope/report.py): rendered from small fixture results, then in headless Chromium."""
+"""The run report (scope/run/report.py): rendered from small fixture results, then in headless Chromium."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from scope.report import build_report, fmt  # noqa: E402
+from scope.run.report import build_report, fmt  # noqa: E402
 
 
 def png(path, seed=0):

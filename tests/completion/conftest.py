@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from completion.data import Batch
+from completion.batch import Batch
 from tests.conftest import shared_data
 
 
@@ -42,9 +42,9 @@ def nj_path() -> Path:
 def user_tensors(small_cohort, tmp_path_factory) -> Path:
     """The small simulated cohort tensorized (T = 192, 3 x 4 top-K cells, 6 location clusters)."""
     from completion.tensors import TensorConfig, tensorize_cohort
-    from scope.locations import cluster_locations
-    from scope.splits import UserSplitter
-    from scope.tsinghua import load_cohort
+    from scope.data.locations import cluster_locations
+    from scope.data.splits import UserSplitter
+    from scope.data.tsinghua import load_cohort
 
     cohort = load_cohort(small_cohort)
     clusters = cluster_locations(cohort.base_poi, k=6, seed=0)

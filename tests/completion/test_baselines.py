@@ -8,7 +8,7 @@ import torch
 
 from completion.baselines import (ARIMA, DiTForecaster, HistoricalAverage, PatchTST, fourier_terms,
                                   make_baseline, train_patchtst)
-from completion.data import Batch
+from completion.batch import Batch
 from completion.model import ModelConfig, build_model
 from completion.tasks import TaskConfig, make_regions
 

@@ -9,9 +9,9 @@ import torch
 
 from completion.normalization import Log1pStandardizer
 from completion.tensors import DATASET_FILE, BehaviourTensors, GridLayout, TensorConfig, tensorize_cohort, tensorize_users
-from scope.locations import cluster_locations
-from scope.splits import UserSplitter
-from scope.tsinghua import load_cohort
+from scope.data.locations import cluster_locations
+from scope.data.splits import UserSplitter
+from scope.data.tsinghua import load_cohort
 
 CFG = TensorConfig(window_slots=96, height=3, width=5, shard_users=7)  # non-square on purpose
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from scope.corpus import ProfileDataArguments, build_corpus
-from scope.models import load_tokenizer
+from scope.profiles.corpus import ProfileDataArguments, build_corpus
+from scope.profiles.llms import load_tokenizer
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from trl import DPOConfig, ModelConfig
 
 from recipes import dpo as dpo_recipe
-from scope.dpo import popularity_profile, preference_dataset
+from scope.profiles.dpo import popularity_profile, preference_dataset
 from tests.scope.conftest import data_args
 
 

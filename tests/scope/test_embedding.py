@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from recipes import embed as embed_recipe
-from scope.embedding import (EMBEDDINGS_FILE, PROFILES_FILE, EmbeddingHead, HeadConfig, ProfileEncoder, load_head,
+from scope.profiles.embedding import (EMBEDDINGS_FILE, PROFILES_FILE, EmbeddingHead, HeadConfig, ProfileEncoder, load_head,
                              load_user_embeddings)
-from scope.models import load_embedder
+from scope.profiles.llms import load_embedder
 from tests.scope.conftest import data_args
 
 

@@ -1,12 +1,12 @@
-"""Fidelity scores (scope.fidelity, Eq. 26) against direct computations."""
+"""Fidelity scores (scope.synthesis.fidelity, Eq. 26) against direct computations."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from scope.fidelity import (app_poi_correlation, compare, fidelity_report, next_category_accuracy, next_category_xy)
-from scope.simulate import APP_CATEGORIES
-from scope.traces import TraceGrammar, windows_from_events
+from scope.synthesis.fidelity import (app_poi_correlation, compare, fidelity_report, next_category_accuracy, next_category_xy)
+from scope.data.simulate import APP_CATEGORIES
+from scope.synthesis.traces import TraceGrammar, windows_from_events
 
 GRAMMAR = TraceGrammar(APP_CATEGORIES, 3, 30)
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from scope.events import DataError
-from scope.intents import (EVENTS, EVENTS_FILE, INTENT_APPS, INTENT_PRIOR, INTENT_SYSTEM, INTENT_TRACE_FILE, INTENTS,
+from scope.data.events import DataError
+from scope.pituning.data import (EVENTS, EVENTS_FILE, INTENT_APPS, INTENT_PRIOR, INTENT_SYSTEM, INTENT_TRACE_FILE, INTENTS,
                            INTENTS_FILE, N_SPECIAL, QUERY, IntentCohortConfig, SampleConfig, build_samples,
                            is_individual, load_intent_cohort, prediction_points, read_vocabulary,
                            simulate_intent_cohort)

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scope.intent_baselines import features, fit_predict
-from scope.intents import MASK, N_SPECIAL, QUERY, IntentCohortConfig, SampleConfig, build_samples, load_intent_cohort, \
+from scope.pituning.baselines import features, fit_predict
+from scope.pituning.data import MASK, N_SPECIAL, QUERY, IntentCohortConfig, SampleConfig, build_samples, load_intent_cohort, \
     simulate_intent_cohort
-from scope.pituning import (BackboneConfig, IndividualConfig, IntentPredictor, PredictorConfig, StageConfig,
+from scope.pituning.model import (BackboneConfig, IndividualConfig, IntentPredictor, PredictorConfig, StageConfig,
                             build_backbone, cpu_latency_ms, distill_loss, distillation_loss, export_student, fit,
                             focal_loss, forgotten_intents, label_share, load_student, mask_events, output_share,
                             population_loss, predict, student_config, truncate_blocks, tune_individual,
@@ -88,7 +88,7 @@ def test_student_has_four_layers_and_fewer_parameters(data):
 @pytest.mark.slow
 def test_smollm2_blocks_load_from_the_packaged_gguf():
     pytest.importorskip("gguf")
-    from scope.models import smollm2_gguf
+    from scope.profiles.llms import smollm2_gguf
     try:
         smollm2_gguf()
     except FileNotFoundError:

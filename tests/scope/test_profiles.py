@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from scope.profiles import Profile, ProfileError, generation_schema, parse_profile
-from scope.teachers import LocalTeacher, grounded_profile
+from scope.profiles.schema import Profile, ProfileError, generation_schema, parse_profile
+from scope.profiles.teachers import LocalTeacher, grounded_profile
 
 
 def test_grounded_profile_round_trips_through_json(corpus):
@@ -62,7 +62,7 @@ def test_outlines_constrains_a_random_model_to_a_valid_profile(tiny_model_dir, t
 
 
 def test_empty_history_profile_is_valid(corpus):
-    from scope.statistics import user_statistics
+    from scope.data.statistics import user_statistics
 
     stats = user_statistics(123, corpus.cohort.events.iloc[:0], corpus.cohort.categories, corpus.clusters)
     profile = grounded_profile(stats)

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scope.locations import cluster_locations
-from scope.prompts import PromptBuilder
-from scope.statistics import TINY_HISTORY, user_statistics
+from scope.data.locations import cluster_locations
+from scope.profiles.prompts import PromptBuilder
+from scope.data.statistics import TINY_HISTORY, user_statistics
 
 USER, STATIONS = 424242, (987651, 987652, 987653)
 

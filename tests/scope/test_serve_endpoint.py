@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from scope.profiles import generation_schema
-from scope.teachers import EndpointTeacher
+from scope.profiles.schema import generation_schema
+from scope.profiles.teachers import EndpointTeacher
 
 ROOT = Path(__file__).resolve().parents[2]
 

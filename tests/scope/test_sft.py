@@ -7,7 +7,7 @@ import pytest
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from recipes import sft as sft_recipe
-from scope.sft import end_of_turn_token, last_checkpoint, sft_dataset
+from scope.profiles.sft import end_of_turn_token, last_checkpoint, sft_dataset
 from tests.scope.conftest import data_args
 
 

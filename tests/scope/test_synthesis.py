@@ -1,4 +1,4 @@
-"""Synthesis end to end on a tiny random Llama (scope.synthesis, recipes/synthesize.py): a real
+"""Synthesis end to end on a tiny random Llama (scope.synthesis.generation, recipes/synthesize.py): a real
 training step, constrained generation that never leaves the user's permitted pairs, a cohort
 that ``load_cohort`` reads strictly, resumption without duplicates, and the bad inputs."""
 
@@ -12,9 +12,9 @@ from transformers import HfArgumentParser
 from trl import ModelConfig, SFTConfig
 
 from recipes import synthesize
-from scope.synthesis import (NoPermittedPairsError, SynthesisArguments, make_constraint, plan_requests, read_profiles)
-from scope.traces import TraceGrammarError, history_pairs
-from scope.tsinghua import TRACE_FILE, load_cohort
+from scope.synthesis.generation import (NoPermittedPairsError, SynthesisArguments, make_constraint, plan_requests, read_profiles)
+from scope.synthesis.traces import TraceGrammarError, history_pairs
+from scope.data.tsinghua import TRACE_FILE, load_cohort
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 
@@ -69,7 +69,7 @@ def test_generate_resumes_without_duplicates_and_writes_a_strict_cohort(trained,
     assert not cohort.events.duplicated(["user_id", "timestamp"]).any()             # no user generated twice
 
     # the constraint: every synthetic (category, cluster) pair occurs in its source user's real history
-    from scope.corpus import build_corpus
+    from scope.profiles.corpus import build_corpus
     corpus = build_corpus(args[0])
     for synthetic_id, row in profiles.iterrows():
         real = corpus.cohort.events[corpus.cohort.events["user_id"] == row["source_user_id"]]
@@ -128,8 +128,8 @@ def test_plan_requests_for_a_user_without_events_uses_the_fallback(corpus):
 
 
 def test_augmentation_adds_profiled_synthetic_users_to_train_only(trained, small_cohort, tiny_model_dir, tmp_path):
-    from scope.corpus import build_corpus
-    from scope.sft import sft_dataset
+    from scope.profiles.corpus import build_corpus
+    from scope.profiles.sft import sft_dataset
 
     out, cache, _ = trained
     if not (out / "cohort" / TRACE_FILE).exists():
@@ -152,8 +152,8 @@ def _pools_fixture(within_slot):
     hour 9 holds 12 records of category 3 at station 20 (cluster 1)."""
     import pandas as pd
 
-    from scope.synthesis import RecordPools
-    from scope.traces import TraceGrammar
+    from scope.synthesis.generation import RecordPools
+    from scope.synthesis.traces import TraceGrammar
 
     stamps = ([f"2016-04-20 08:{m:02d}:00" for m in range(7)] + [f"2016-04-20 09:{m:02d}:00" for m in range(12)])
     categories = [2] * 5 + [5] * 2 + [3] * 12
@@ -168,8 +168,8 @@ def _pools_fixture(within_slot):
 
 @pytest.mark.parametrize("within_slot", ["mixture", "dominant"])
 def test_a_line_is_written_back_with_the_users_slot_sizes_and_within_slot_co_usage(within_slot):
-    from scope.synthesis import events_from_windows
-    from scope.traces import TraceEvent, TraceWindow
+    from scope.synthesis.generation import events_from_windows
+    from scope.synthesis.traces import TraceEvent, TraceWindow
 
     pools, grammar, app_category = _pools_fixture(within_slot)
     windows = [TraceWindow(1, f"2016-05-{d:02d}", [TraceEvent(8, 2, 0, 1)]) for d in range(1, 31)]
@@ -188,8 +188,8 @@ def test_a_line_is_written_back_with_the_users_slot_sizes_and_within_slot_co_usa
 
 
 def test_a_user_or_pair_without_history_falls_back_to_the_cohort_then_the_catalogue():
-    from scope.synthesis import events_from_windows
-    from scope.traces import TraceEvent, TraceWindow, records_range
+    from scope.synthesis.generation import events_from_windows
+    from scope.synthesis.traces import TraceEvent, TraceWindow, records_range
 
     pools, grammar, app_category = _pools_fixture("mixture")
     # source user 2 has no history; pair (4, 1) and category 4 occur nowhere; t2: the cohort's one 12-record slot
@@ -208,7 +208,7 @@ def test_days_per_user_zero_generates_every_day_of_the_cohort(corpus):
 
 
 def test_the_synthetic_cohort_is_never_written_into_the_real_one(tmp_path, monkeypatch):
-    from scope.synthesis import check_output_dir
+    from scope.synthesis.generation import check_output_dir
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "cohort").mkdir(parents=True)

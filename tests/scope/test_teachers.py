@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from scope.corpus import TeacherFailure, build_corpus
-from scope.evaluation import precision_at_3
-from scope.teachers import GroundedTeacher, Teacher, TeacherCache, TeacherResult, run_teacher
+from scope.profiles.corpus import TeacherFailure, build_corpus
+from scope.profiles.evaluation import precision_at_3
+from scope.profiles.teachers import GroundedTeacher, Teacher, TeacherCache, TeacherResult, run_teacher
 from tests.scope.conftest import data_args
 
 

@@ -1,4 +1,4 @@
-"""The trace grammar (scope.traces): one spelling for training text and decoding, strict parsing
+"""The trace grammar (scope.synthesis.traces): one spelling for training text and decoding, strict parsing
 with line numbers, and a decode-time constraint that cannot be escaped."""
 
 import numpy as np
@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from scope.simulate import APP_CATEGORIES
-from scope.traces import (GrammarTokens, TraceConstraint, TraceEvent, TraceGrammar, TraceGrammarError,
+from scope.data.simulate import APP_CATEGORIES
+from scope.synthesis.traces import (GrammarTokens, TraceConstraint, TraceEvent, TraceGrammar, TraceGrammarError,
                           TraceLogitsProcessor, TraceWindow, history_pairs, level_of, records_range, windows_from_events)
 
 GRAMMAR = TraceGrammar(APP_CATEGORIES, 6, 30)

@@ -5,7 +5,7 @@ From a user's history ``H_u = {(a_t, l_t, tau_t)}`` (app category, location, tim
 - Eq. 21, ``pi_time``: the hour-of-day activity distribution (24 shares), day-part shares and the
   records per active weekday vs weekend day;
 - Eq. 22, ``C_u in R^{|L| x |A|}``: the joint distribution of location cluster (POI-cluster
-  label of the base station, :mod:`scope.locations`) and app category;
+  label of the base station, :mod:`scope.data.locations`) and app category;
 - Eq. 23, ``sigma_u``: sessions per active day (a session ends after ``session_gap_min`` minutes
   without a record), the median gap between sessions, and the regularity ``1 - H(pi_hour) /
   log 24`` (1 = all activity in one hour, 0 = uniform over the day).
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from scope.locations import LocationClusters
+from scope.data.locations import LocationClusters
 
 DAY_PARTS = {"night": (0, 6), "morning": (6, 12), "afternoon": (12, 18), "evening": (18, 24)}
 TINY_HISTORY = 20   # fewer records than this: the prompt says the statistics are unreliable

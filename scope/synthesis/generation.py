@@ -1,19 +1,19 @@
 """Semantic-augmented synthesis (U-SCOPE section 5.2, Eq. 25): a trace LM learns
 ``p(a_t, l_t | P_u, tau_t)`` from real users' serialised traces and generates synthetic users under
-the grammar constraint of :mod:`scope.traces`; the result is written as a Tsinghua-format cohort.
+the grammar constraint of :mod:`scope.synthesis.traces`; the result is written as a Tsinghua-format cohort.
 
-Data. Each training example is one user-day (:class:`scope.traces.TraceWindow`): the prompt is a
+Data. Each training example is one user-day (:class:`scope.synthesis.traces.TraceWindow`): the prompt is a
 compact text of the user's teacher profile (:func:`conditioning_prompt`: persona, top app
 categories, places as location clusters, active period, peak hours) plus the weekday; the
 completion is the window's event lines, then the tokenizer's eos. Token ids are assembled from the
-grammar's own token sequences (:class:`scope.traces.GrammarTokens`), the loss is on the completion
+grammar's own token sequences (:class:`scope.synthesis.traces.GrammarTokens`), the loss is on the completion
 only, and training is TRL ``SFTTrainer`` + a peft LoRA (pre-tokenized ``input_ids`` +
 ``completion_mask``). Training reads the windows back through the strict grammar parser from
 ``model/train_traces.txt`` (or from a user-supplied ``traces_file``), so a grammar-violating
 training line stops the run with its line number.
 
 Generation. One sequence per (synthetic user, day), sampled in batches with
-:class:`scope.traces.TraceLogitsProcessor`: every line is well-formed, slots strictly increase,
+:class:`scope.synthesis.traces.TraceLogitsProcessor`: every line is well-formed, slots strictly increase,
 and only (app category, location cluster) pairs of the source user's history are permitted,
 unless the profile implies exploration (:func:`implies_exploration`: a ``traveller`` persona or
 ``low`` regularity), which grants ``exploration_budget`` unseen-pair events per window. With
@@ -55,13 +55,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from scope.corpus import ProfileCorpus, ProfileDataArguments
+from scope.profiles.corpus import ProfileCorpus, ProfileDataArguments
 from scope.io import atomic_path, write_json, write_text
-from scope.profiles import Profile
-from scope.traces import (GrammarTokens, TraceConstraint, TraceEvent, TraceGrammar, TraceLogitsProcessor,
+from scope.profiles.schema import Profile
+from scope.synthesis.traces import (GrammarTokens, TraceConstraint, TraceEvent, TraceGrammar, TraceLogitsProcessor,
                           TraceWindow, history_pairs, level_of, records_range, slot_records,
                           windows_from_events)
-from scope.tsinghua import (APP2CATEGORY_FILE, BASE_COORDS_FILE, BASE_POI_FILE, CATEGORIES_FILE, TRACE_FILE)
+from scope.data.tsinghua import (APP2CATEGORY_FILE, BASE_COORDS_FILE, BASE_POI_FILE, CATEGORIES_FILE, TRACE_FILE)
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ A prompt is a chat: the system message (``prompts/profile_system.jinja``) states
 answer format; the user message (``prompts/profile_user.jinja``) holds the user's ``pi_time``,
 ``C_u`` and ``sigma_u`` (Eq. 21-23). Places are "place 1..3" with their POI-cluster area; no user
 id or base-station id is ever rendered (a test checks it). An empty history gets a valid prompt
-that says there is no data; a tiny one (< ``scope.statistics.TINY_HISTORY`` records) says the
+that says there is no data; a tiny one (< ``scope.data.statistics.TINY_HISTORY`` records) says the
 statistics are unreliable.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import jinja2
 
-from scope.statistics import UserStatistics
+from scope.data.statistics import UserStatistics
 
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
 SYSTEM_TEMPLATE = "profile_system.jinja"
 USER_TEMPLATE = "profile_user.jinja"
 

@@ -1,6 +1,6 @@
 """User embeddings ``h_u`` (Eq. 24): the sole interface from U-SCOPE to the completion module.
 
-``h_u = MLP(SBERT(text(profile_u)))``: the profile (:meth:`scope.profiles.Profile.to_text`, without
+``h_u = MLP(SBERT(text(profile_u)))``: the profile (:meth:`scope.profiles.schema.Profile.to_text`, without
 the reasoning) is encoded by a *frozen* Sentence-BERT (all-MiniLM-L6-v2, 384-d, L2-normalised),
 then mapped by a small MLP head (Linear -> GELU -> Linear) to ``d`` dimensions. The head is
 initialised from a seed here; the completion module may train it jointly with the DiT

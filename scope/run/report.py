@@ -6,7 +6,7 @@ and writes ``out_dir/index.html`` (figures embedded as base64 PNG, so the file c
 ``out_dir/report.json`` (the numbers shown) and the figures it draws itself (user clusters,
 training curves). Every section is built independently: a stage that failed, was not run or whose
 files are missing gives a clearly labelled "not available: <why>" box, never an exception. The
-page is rendered with the Jinja2 template ``scope/templates/report.html.jinja``.
+page is rendered with the Jinja2 template ``scope/run/templates/report.html.jinja``.
 """
 
 from __future__ import annotations
@@ -311,9 +311,9 @@ def section_embeddings(run: Run, out_dir: Path) -> tuple[Section, dict]:
     figures: dict = {}
 
     def build(s: Section):
-        from scope.embedding import load_user_embeddings
-        from scope.report_figures import user_cluster_figure
-        from scope.simulate import read_ground_truth
+        from scope.profiles.embedding import load_user_embeddings
+        from scope.run.figures import user_cluster_figure
+        from scope.data.simulate import read_ground_truth
 
         path = run.folder("embed", "embeddings") / "user_embeddings.safetensors"
         if not path.exists():
@@ -383,7 +383,7 @@ def section_completion(run: Run, out_dir: Path) -> tuple[Section, dict]:
         s.figure(folder / "figures" / "fpat_tensors_test.png",
                  "Behaviour patterns (paper Fig. 9): the users' pattern features F_pat in 2-D, coloured by soft group and "
                  "by the share of their history U-MASK reveals.")
-        from scope.report_figures import read_scalars
+        from scope.run.figures import read_scalars
         scalars = read_scalars(folder / "tb")
         curves["U-MASK + DiT"] = {t.split("/", 1)[-1]: v for t, v in scalars.items()}
 
@@ -421,7 +421,7 @@ def section_curves(run: Run, out_dir: Path, completion_curves: dict) -> Section:
     s = Section("curves", "Training curves",
                 "Loss (and for DPO, reward accuracy / margin) per optimisation step of each trained model, from its "
                 "TensorBoard log.")
-    from scope.report_figures import read_scalars, training_curves_figure
+    from scope.run.figures import read_scalars, training_curves_figure
 
     curves = {}
     wanted = {"sft": ("train/loss", "train/mean_token_accuracy"),

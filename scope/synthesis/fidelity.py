@@ -17,7 +17,7 @@ users the synthetic users were conditioned on):
 - Jensen-Shannon divergences of the hour-of-day and app-category distributions of records;
 - utility: train-on-synthetic / test-on-real (TSTR) vs train-on-real / test-on-real (TRTR)
   accuracy of next-app-category prediction (a multinomial logistic regression over the event
-  lines of :mod:`scope.traces`: the next line's hour and weekend flag, the current line's
+  lines of :mod:`scope.synthesis.traces`: the next line's hour and weekend flag, the current line's
   category, cluster and level) on the same real test users' lines;
 - a *ceiling* row: the same scores for the real source users serialised with the trace grammar
   and written back, not generated (coarsening alone), so a reader sees what the grammar itself
@@ -40,8 +40,8 @@ import pandas as pd  # noqa: E402
 
 from completion.metrics import agreement, js_divergence  # noqa: E402
 from scope.io import save_figure, write_json  # noqa: E402
-from scope.locations import poi_proportions  # noqa: E402
-from scope.traces import TraceGrammar, TraceWindow  # noqa: E402
+from scope.data.locations import poi_proportions  # noqa: E402
+from scope.synthesis.traces import TraceGrammar, TraceWindow  # noqa: E402
 
 DIFF_MARK = 0.05
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 import numpy as np
 from datasets import Dataset
 
-from scope.corpus import ProfileCorpus
-from scope.evaluation import score_answer
-from scope.profiles import Profile
-from scope.teachers import grounded_profile
+from scope.profiles.corpus import ProfileCorpus
+from scope.profiles.evaluation import score_answer
+from scope.profiles.schema import Profile
+from scope.profiles.teachers import grounded_profile
 
 NEGATIVE_KINDS = ("popularity", "other_user", "student")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 from datasets import Dataset
 
-from scope.corpus import ProfileCorpus
+from scope.profiles.corpus import ProfileCorpus
 from scope.io import write_text
 
 log = logging.getLogger(__name__)

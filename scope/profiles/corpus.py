@@ -4,7 +4,7 @@ Every U-SCOPE stage (SFT, DPO, evaluation, embeddings) starts here, configured b
 :class:`ProfileDataArguments` (a dataclass the recipes extend, so each recipe's YAML shows these
 keys). When ``cohort_dir`` holds no cohort and ``simulate_if_missing`` is set, the embedded
 default cohort is simulated there first, so a fresh clone runs end to end. Users are split with
-:class:`scope.splits.UserSplitter` (train / val / test by a hash of the id; users with few
+:class:`scope.data.splits.UserSplitter` (train / val / test by a hash of the id; users with few
 records are ``cold``); the student is evaluated on ``test`` users, never trained on them.
 """
 
@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scope.io import write_text
-from scope.locations import LocationClusters, cluster_locations
-from scope.prompts import PromptBuilder, UserPrompt
-from scope.simulate import CohortConfig, simulate_cohort
-from scope.splits import SPLITS, UserSplitter
-from scope.statistics import UserStatistics, cohort_statistics, population_statistics
-from scope.teachers import EndpointTeacher, GroundedTeacher, Teacher, TeacherCache, TeacherResult, run_teacher
-from scope.tsinghua import TRACE_FILE, Cohort, load_cohort
+from scope.data.locations import LocationClusters, cluster_locations
+from scope.profiles.prompts import PromptBuilder, UserPrompt
+from scope.data.simulate import CohortConfig, simulate_cohort
+from scope.data.splits import SPLITS, UserSplitter
+from scope.data.statistics import UserStatistics, cohort_statistics, population_statistics
+from scope.profiles.teachers import EndpointTeacher, GroundedTeacher, Teacher, TeacherCache, TeacherResult, run_teacher
+from scope.data.tsinghua import TRACE_FILE, Cohort, load_cohort
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ def make_teacher(args: ProfileDataArguments, clusters: LocationClusters | None =
                                concurrency=args.teacher_concurrency, timeout_s=args.teacher_timeout_s,
                                max_retries=args.teacher_max_retries, max_tokens=args.teacher_max_new_tokens)
     if args.teacher == "local":
-        from scope.models import load_causal_lm, load_tokenizer
-        from scope.teachers import LocalTeacher
+        from scope.profiles.llms import load_causal_lm, load_tokenizer
+        from scope.profiles.teachers import LocalTeacher
 
         name = args.teacher_model or "smollm2-135m-instruct"
         return LocalTeacher(load_causal_lm(name), load_tokenizer(name), model_name=name,
@@ -154,7 +154,7 @@ def add_synthetic_users(corpus: ProfileCorpus, args: ProfileDataArguments, teach
                         builder: PromptBuilder | None = None) -> list[int]:
     """Augmentation (RQ5): add ``round(synthetic_ratio * #profiled train users)`` users of a synthetic
     cohort (the lowest ids first), profiled by the same teacher, under split ``synthetic``. They are
-    never in val / test / cold; :func:`scope.sft.sft_dataset` adds them to ``train``."""
+    never in val / test / cold; :func:`scope.profiles.sft.sft_dataset` adds them to ``train``."""
     synthetic = load_cohort(args.synthetic_cohort_dir, strict=True)
     if not synthetic.base_poi.index.equals(corpus.cohort.base_poi.index):
         raise ValueError(f"synthetic cohort {args.synthetic_cohort_dir} has other base stations than {corpus.cohort.directory}: "
