@@ -74,7 +74,7 @@ def main() -> dict:
     def parse(extra: list[str]):
         argv = ["--config", str(ROOT / "recipes" / "configs" / "sft_cpu.yaml"), "--cohort_dir", str(cohort_dir),
                 "--teacher_cache_dir", str(synthesis / "teacher_cache"), "--save_strategy", "no", "--report_to", "none",
-                "--resume", "false", "--eval_users", "0", "--cpu_threads", str(args.threads), *extra]
+                "--resume", "false", "--eval_users", "0", "--threads", str(args.threads), *extra]
         return TrlParser((sft.SFTScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(args=argv)
 
     corpus = build_corpus(parse([])[0])

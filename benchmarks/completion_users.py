@@ -62,10 +62,10 @@ def prepare(args, work: Path) -> dict:
     emb_dir = work / "embeddings"
     if not (emb_dir / "user_embeddings.safetensors").exists():
         embed.main(embed.EmbedArguments(cohort_dir=str(week1), simulate_if_missing=False,
-                                        teacher_cache_dir=str(work / "teacher_cache"), out_dir=str(emb_dir)))
+                                        teacher_cache_dir=str(work / "teacher_cache"), output_dir=str(emb_dir)))
     tensors = work / "tensors"
     if not (tensors / "dataset.json").exists():
-        tensorize.main(tensorize.TensorizeArguments(cohort_dir=str(cohort), out_dir=str(tensors)))
+        tensorize.main(tensorize.TensorizeArguments(cohort_dir=str(cohort), output_dir=str(tensors)))
     embeddings = load_embeddings(emb_dir / "user_embeddings.safetensors")
     scored_from = int((start + pd.Timedelta(days=8)).timestamp())
     out = {}

@@ -27,18 +27,24 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks.common import emit, peak_rss_mb
-from recipes.pituning import (METRIC_KEYS, distilled_student, individual_config, individual_test,
-                              parse, pooled, population_model, prepare_data, rarest_intents, results_table, score)
+from recipes.pituning import parse
 from scope.pituning.baselines import lightgbm_individual, lightgbm_pooled
-from scope.pituning.data import INTENT_TRACE_FILE, IntentCohortConfig, simulate_intent_cohort
-from scope.pituning.model import (IntentPredictor, StageConfig, cpu_latency_ms, export_student, fit, predict,
-                            student_config, supervised_loss, tune_individuals)
+from scope.pituning.data import INTENT_TRACE_FILE
+from scope.pituning.evaluate import METRIC_KEYS, individual_test, pooled, rarest_intents, results_table, score
+from scope.pituning.export import cpu_latency_ms, export_student
+from scope.pituning.individual import tune_individuals
+from scope.pituning.losses import supervised_loss
+from scope.pituning.model import IntentPredictor, student_config
+from scope.pituning.simulate import IntentCohortConfig, simulate_intent_cohort
+from scope.pituning.stages import distilled_student, population_model, prepare_data
+from scope.pituning.train import StageConfig, fit, predict
 
 
 def log(message: str, start: float) -> None:
@@ -66,25 +72,26 @@ def main() -> None:
         simulate_intent_cohort(IntentCohortConfig(n_users=args.users, days=args.days, seed=0), cohort_dir, progress=False)
     if not args.reuse:
         shutil.rmtree(run_dir, ignore_errors=True)
-    base = parse(["--run_dir", str(run_dir), "--cohort_dir", str(cohort_dir), "--n_users", str(args.users),
-                  "--days", str(args.days), "--max_individual_users", str(args.individual_users),
-                  "--population_steps", str(args.population_steps), "--distill_steps", str(args.distill_steps),
-                  "--distill_samples", str(args.distill_samples), "--threads", str(args.threads),
-                  "--individual_epochs", str(args.individual_epochs),
+    base = parse(["--output_dir", str(run_dir), "--cohort_dir", str(cohort_dir), "--cohort.n_users", str(args.users),
+                  "--cohort.days", str(args.days), "--max_individual_users", str(args.individual_users),
+                  "--population.steps", str(args.population_steps), "--distillation.steps", str(args.distill_steps),
+                  "--distillation.samples", str(args.distill_samples), "--threads", str(args.threads),
+                  "--individual.epochs", str(args.individual_epochs),
                   "--progress", "false", "--tensorboard", "false"])
+    run, device = base.run, torch.device("cpu")
 
     start = time.perf_counter()
-    data = prepare_data(base)
+    data = prepare_data(run.cohort_dir, run_dir, base.cohort, base.samples, run.max_individual_users, progress=False)
     test = individual_test(data)
     log(f"data: {data.summary()['population_train']:,} population points, {len(data.individual_users)} individual "
         f"users, {len(test):,} test points", start)
     stage_s = {}
     t = time.perf_counter()
-    teacher = population_model(base, data)
+    teacher = population_model(data, base.predictor, base.population, run_dir / "population", device, progress=False)
     stage_s["population"] = round(time.perf_counter() - t, 1)
     log("population model tuned (or reused)", start)
     t = time.perf_counter()
-    student = distilled_student(base, data, teacher)
+    student = distilled_student(data, teacher, base.distillation, run_dir / "student", device, progress=False)
     stage_s["distillation"] = round(time.perf_counter() - t, 1)
     log("student distilled (or reused)", start)
     t = time.perf_counter()
@@ -94,27 +101,26 @@ def main() -> None:
                 "focal_loss": {"unlearning": False, "loss": "focal"},
                 "oversampling": {"unlearning": False, "oversample": True}}
     for name, overrides in variants.items():
-        results[name] = tune_individuals(student, data, individual_config(base, **overrides), progress=False,
+        results[name] = tune_individuals(student, data, replace(base.individual, **overrides), progress=False,
                                          export_dir=run_dir / "users" if name == "pituning" else None)
         rows[name] = score(*pooled(results[name]), data)
         log(f"{name}: prec_m {rows[name]['prec_m']:.4f}", start)
 
-    torch.manual_seed(base.seed + 2)
-    scratch = IntentPredictor(student_config(teacher, base.student_layers, base.student_hidden, base.student_heads,
-                                             base.student_intermediate, base.student_family),
-                              data.vocab_sizes(), data.n_intents)
+    distill, seed = base.distillation, base.distillation.seed
+    torch.manual_seed(seed + 2)
+    scratch = IntentPredictor(student_config(teacher, **asdict(distill.student)), data.vocab_sizes(), data.n_intents)
     fit(scratch, supervised_loss("ce"), data.population_train,
-        StageConfig(steps=args.scratch_steps or args.distill_steps, batch_size=base.distill_batch_size, lr=base.distill_lr,
-                    warmup_steps=base.warmup_steps, seed=base.seed), progress=False)
+        StageConfig(steps=args.scratch_steps or args.distill_steps, batch_size=distill.batch_size, lr=distill.lr,
+                    warmup_steps=distill.warmup_steps, seed=seed), progress=False)
     rows["scratch_transformer"] = score(*pooled(tune_individuals(
-        scratch, data, individual_config(base, unlearning=False), progress=False)), data)
+        scratch, data, replace(base.individual, unlearning=False), progress=False)), data)
     stage_s["individual_variants_and_scratch"] = round(time.perf_counter() - t, 1)
     log("scratch transformer", start)
     rows["population_teacher"] = score(predict(teacher, test), test.intent, data)
 
-    lgb_scores, lgb_labels, modes = lightgbm_individual(data, seed=base.seed)
+    lgb_scores, lgb_labels, modes = lightgbm_individual(data, seed=seed)
     rows["lightgbm"] = score(lgb_scores, lgb_labels, data)
-    rows["lightgbm_pooled"] = score(*lightgbm_pooled(data, max_population_rows=20000, seed=base.seed), data)
+    rows["lightgbm_pooled"] = score(*lightgbm_pooled(data, max_population_rows=20000, seed=seed), data)
     log(f"lightgbm ({modes})", start)
     wall = time.perf_counter() - start
 
@@ -145,7 +151,7 @@ def main() -> None:
         "student_ms_per_prediction_p10": round(latency_p10, 3),
         "load_average_1min": round(load_average, 2),
         "teacher_params": teacher.num_parameters(),
-        "teacher": f"{base.lm}, first {base.lm_blocks} blocks",
+        "teacher": f"{base.predictor.backbone.name}, first {base.predictor.backbone.blocks} blocks",
         "users_with_forgotten_intents": forgotten_users,
         "lightgbm_settings": modes,
         "population_points": len(data.population_train),

@@ -57,7 +57,7 @@ def main() -> dict:
     recipe = [sys.executable, "recipes/sft.py", "--config", "recipes/configs/sft_cpu.yaml", "--model_name_or_path", args.model, "--cohort_dir", data_args.cohort_dir,
               "--teacher_cache_dir", data_args.teacher_cache_dir, "--max_steps", str(args.steps), "--max_length",
               str(args.max_length), "--eval_users", "0", "--save_strategy", "no", "--report_to", "none",
-              "--logging_steps", "5", "--cpu_threads", str(args.threads), "--resume", "false"]
+              "--logging_steps", "5", "--threads", str(args.threads), "--resume", "false"]
     times = {"recipe": [], "plain": []}
     for r in range(args.rounds):
         times["recipe"].append(timed(recipe + ["--output_dir", str(work / f"recipe-{r}")]))

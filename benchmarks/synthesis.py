@@ -64,7 +64,7 @@ def main() -> dict:
         shutil.rmtree(stage)
     cohort_dir, reference = two_week_cohort(work, args.users, args.days)
     argv = ["--config", args.config, "--cohort_dir", str(cohort_dir), "--teacher_cache_dir", str(work / "teacher_cache"),
-            "--output_dir", str(stage), "--report_to", "none", "--cpu_threads", str(args.threads),
+            "--output_dir", str(stage), "--report_to", "none", "--threads", str(args.threads),
             "--n_users", str(args.users), "--days", str(args.days), "--generate_users", str(args.generate_users), *overrides]
     figures, start = {}, time.perf_counter()
     for name in ("train", "generate", "report"):

@@ -19,8 +19,9 @@ from torch import Tensor
 
 from completion.batch import Batch
 from completion.masks import MaskOutput
-from completion.metrics import coverage, crps, rmse_mae
+from completion.metrics import completion_report, point_errors, rmse_mae
 from completion.model import CompletionModel
+from completion.recommend import recommendation_report
 from completion.priors import carry_prior, profile_at, shrunk_mean, slot_profile
 from completion.tasks import Regions, TaskConfig, drop_history, make_regions, task_index
 
@@ -49,22 +50,28 @@ def task_regions(batch: Batch, task_name: str, config: TaskConfig, seed: int = 0
 
 def evaluate(method, batch: Batch, task_name: str, config: TaskConfig,
              inverse: Callable[[Tensor], Tensor] | None = None, seed: int = 0,
-             sparsity: Sparsity | None = None, level: float = 0.9) -> dict:
-    """Point-error report of `method` on one task; `ms_per_entity` times its predict call. A method
-    that leaves its samples in `method.samples` (`DiTForecaster`) also gets CRPS and `level` coverage."""
+             sparsity: Sparsity | None = None, level: float = 0.9,
+             recommend_channels: list[int] | None = None) -> dict:
+    """The one scoring of a completion method on one task of a split (the recipes and the
+    benchmarks all use it): point errors per channel, their means over channels (`rmse_mean`,
+    `mae_mean`, the numbers the comparisons rank by), `ms_per_entity` of the predict call, and the
+    number of target entries. A method that leaves its samples in `method.samples`
+    (`DiTForecaster`) also gets CRPS and `level` coverage; `recommend_channels` adds the
+    recommendation scores of those channels (cold start)."""
     task, regions = task_regions(batch, task_name, config, seed, sparsity)
     start = time.perf_counter()
     pred = method.predict(batch, task, regions)
     seconds = time.perf_counter() - start
-    rmse, mae = rmse_mae(pred, batch.x, regions.target)
-    report = {"rmse": rmse.tolist(), "mae": mae.tolist(), "rmse_mean": rmse.nanmean().item()}
-    if inverse is not None:
-        rmse, mae = rmse_mae(inverse(pred), inverse(batch.x), regions.target)
-        report |= {"rmse_orig": rmse.tolist(), "mae_orig": mae.tolist()}
     samples = getattr(method, "samples", None)
     if samples is not None and len(samples) > 1:
-        report["crps"] = crps(samples, batch.x, regions.target).tolist()
-        report[f"coverage{round(level * 100)}"] = coverage(samples, batch.x, regions.target, level).tolist()
+        report = completion_report(samples, batch.x, regions.target, inverse, level, point=pred)
+    else:
+        report = point_errors(pred, batch.x, regions.target, inverse)
+    report["rmse_mean"] = torch.tensor(report["rmse"]).nanmean().item()
+    report["mae_mean"] = torch.tensor(report["mae"]).nanmean().item()
+    if recommend_channels:
+        report["recommendation"] = recommendation_report(pred, batch.x, regions.target, recommend_channels, inverse)
+    report["target_entries"] = int(regions.target.sum())
     report["ms_per_entity"] = 1000 * seconds / len(batch)
     return report
 

@@ -134,37 +134,54 @@ class HierarchicalTemporal(nn.Module):
 #                                  U-MASK                                       #
 #################################################################################
 
+@dataclass(frozen=True)
+class UMaskConfig:
+    """U-MASK's settings (saved with a checkpoint inside its model config)."""
+
+    d: int = 64  # width of the behaviour encoder and of every feature F (Eq. 5-8)
+    groups: int = 8  # soft groups of Eq. 9
+    refine_steps: int = 2  # K refinement steps of Z (Eq. 8)
+    eta: float = 0.5  # refinement step size (Eq. 8)
+    group_temperature: float = 1.0  # softmax temperature of the soft groups A (Eq. 9)
+    alpha: float = 0.5  # S = alpha A A^T + (1 - alpha) U U^T (Eq. 10)
+    fisher_eps: float = 1e-4  # eps added to the diagonal Fisher information (Eq. 7)
+    cold_eps: float = 0.1  # cold-start mixing weight (Eq. 18)
+    short_window: int = 8  # slots pooled by F_short (Eq. 5)
+    soft_temperature: float = 0.5  # temperature of the straight-through soft top-k (Eq. 16)
+    bank_size: int = 512  # training entities' Z kept per task as evaluation neighbours (Eq. 11)
+    rho_init: float = 0.9  # initial evidence budget rho_tau (Eq. 13)
+    recency_init: float = 3.0  # initial recency ramp of phi for the forecasting tasks (Eq. 14)
+
+
 class UMask(nn.Module):
     """Learned evidence masks for entities b and tasks tau; see the module docstring."""
 
-    def __init__(self, channels: int, T: int, cell_dim: int, d: int = 64, groups: int = 8,
-                 refine_steps: int = 2, eta: float = 0.5, group_temperature: float = 1.0,
-                 alpha: float = 0.5, fisher_eps: float = 1e-4, cold_eps: float = 0.1,
-                 short_window: int = 8, soft_temperature: float = 0.5, bank_size: int = 512,
-                 rho_init: float = 0.9, recency_init: float = 3.0):
+    def __init__(self, channels: int, T: int, cell_dim: int, config: UMaskConfig = UMaskConfig()):
         super().__init__()
-        n = len(TASKS)
-        self.refine_steps, self.eta, self.alpha = refine_steps, eta, alpha
-        self.group_temperature, self.fisher_eps, self.cold_eps = group_temperature, fisher_eps, cold_eps
-        self.soft_temperature = soft_temperature
+        n, d = len(TASKS), config.d
+        self.refine_steps, self.eta, self.alpha = config.refine_steps, config.eta, config.alpha
+        self.group_temperature, self.fisher_eps, self.cold_eps = config.group_temperature, config.fisher_eps, \
+            config.cold_eps
+        self.soft_temperature = config.soft_temperature
         self.encoder = BehaviourEncoder(channels, d)
-        self.T_hier = HierarchicalTemporal(d, short_window)
+        self.T_hier = HierarchicalTemporal(d, config.short_window)
         self.P = TaskLinear(n, 3 * d, d)  # P_tau, Eq. 6
         self.G = TaskLinear(n, d, d)  # G_tau, Eq. 7
         self.Delta = TaskLinear(n, d, d)  # Delta_tau, Eq. 8
-        self.Phi = nn.Linear(d, groups)  # Eq. 9
+        self.Phi = nn.Linear(d, config.groups)  # Eq. 9
         self.w = nn.Parameter(torch.zeros(3))  # Eq. 12
-        self.c = nn.Parameter(torch.tensor(math.log(rho_init / (1 - rho_init))))
-        self.rho_logit = nn.Parameter(torch.full((n,), math.log(rho_init / (1 - rho_init))))
+        rho_logit = math.log(config.rho_init / (1 - config.rho_init))
+        self.c = nn.Parameter(torch.tensor(rho_logit))
+        self.rho_logit = nn.Parameter(torch.full((n,), rho_logit))
         # phi^tau_t and beta_tau (Eq. 14). Forecasting tasks start from a recency ramp, logits from
         # -recency_init (oldest slot) to +recency_init (newest), weighted by beta = 0.9: the mask
         # starts by hiding the oldest evidence. The cold task starts uniform (beta = 0.5).
-        ramp = torch.linspace(-recency_init, recency_init, T)
+        ramp = torch.linspace(-config.recency_init, config.recency_init, T)
         forecast = torch.tensor([name in ("short", "long") for name in TASKS])
         self.phi_logit = nn.Parameter(torch.where(forecast[:, None], ramp, 0.0))
         self.beta_logit = nn.Parameter(torch.where(forecast, math.log(9.0), 0.0))
         self.E_pos = nn.Linear(cell_dim, d)  # per-cell features -> E_pos(h, w), Eq. 15
-        self.register_buffer("bank", torch.zeros(n, bank_size, d))
+        self.register_buffer("bank", torch.zeros(n, config.bank_size, d))
         self.register_buffer("bank_seen", torch.zeros(n, dtype=torch.long))
 
     # Eq. 5-7 ------------------------------------------------------------------

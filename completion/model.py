@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from completion.batch import Batch
 from completion.diffusion import VPSchedule, sample_many, x0_loss
 from completion.dit import DiT, dit_from_preset
-from completion.masks import MaskOutput, UMask
+from completion.masks import MaskOutput, UMask, UMaskConfig
 from completion.priors import (PRIORS, compute_prior, profile_at, resample_profile, shrunk_mean, slot_profile,
                                smoother_gradient)
 from completion.tasks import TASKS, Regions, TaskConfig, make_regions
@@ -238,17 +238,20 @@ def _repeat(v: Tensor | None, n: int) -> Tensor | None:
     return None if v is None else v.repeat(n, *([1] * (v.dim() - 1)))
 
 
+FROM_DATA = {"from_data": True}  # field metadata: set from the data's shape, not from a config file
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a CompletionModel (saved with its checkpoints)."""
 
-    channels: int
-    T: int
-    cell_dim: int
-    entity_dim: int
+    channels: int = field(default=0, metadata=FROM_DATA)
+    T: int = field(default=0, metadata=FROM_DATA)
+    cell_dim: int = field(default=0, metadata=FROM_DATA)
+    entity_dim: int = field(default=0, metadata=FROM_DATA)
     preset: str = "tiny"
     patch_size: tuple[int, int, int] = (4, 2, 2)
-    slots_per_day: int = 96
+    slots_per_day: int = 96  # the data's step; in a recipe config 0 = from the data's timestamps
     diffusion_steps: int = 1000
     center: bool = True
     entity_conditioning: bool = True  # False: c = e_t + e_tau only (the no-entity control)
@@ -258,13 +261,20 @@ class ModelConfig:
     prior_seasonal: bool = True  # carry: run on the de-seasonalised series (train slot-of-day profile)
     prior_shrinkage: float = 0.0  # carry and centring: evidence means shrunk toward the train mean by k pseudo-entries
     prior_gradient: bool = True  # U-MASK gets L_rec's gradient through the prior (straight-through smoother)
-    umask: dict = field(default_factory=dict)  # extra UMask keyword arguments (d, groups, ...)
+    umask: UMaskConfig = field(default_factory=UMaskConfig)
+
+    def __post_init__(self):
+        if self.prior not in PRIORS:
+            raise ValueError(f"unknown prior {self.prior!r}; expected one of {PRIORS}")
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        if isinstance(self.umask, dict):  # as stored in a checkpoint's JSON metadata
+            object.__setattr__(self, "umask", UMaskConfig(**self.umask))
 
 
 def build_model(config: ModelConfig) -> CompletionModel:
-    umask = UMask(config.channels, config.T, config.cell_dim, **config.umask)
+    umask = UMask(config.channels, config.T, config.cell_dim, config.umask)
     dit = dit_from_preset(config.preset, config.channels, config.entity_dim,
-                          patch_size=tuple(config.patch_size), slots_per_day=config.slots_per_day,
+                          patch_size=config.patch_size, slots_per_day=config.slots_per_day,
                           entity_conditioning=config.entity_conditioning, calendar=config.calendar,
                           prior_input=config.prior != "zero")
     return CompletionModel(umask, dit, VPSchedule(config.diffusion_steps), center=config.center,

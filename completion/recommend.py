@@ -3,7 +3,7 @@
 The engagement of app category i in the target period is the predicted usage count of its
 channel summed over the target footprint (every slot and cell with a target entry), in original
 units; categories are ranked by it. The relevant categories are those actually used there
-(true count > 0). Recall/NDCG/MRR@k come from `completion.metrics.ranking_metrics`.
+(true count > 0). Recall/NDCG/MRR@k come from `scope.metrics.ranking_metrics`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
-from completion.metrics import ranking_metrics
+from scope.metrics import ranking_metrics
 
 
 def app_channels(channel_names: Sequence[str]) -> list[int]:

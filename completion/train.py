@@ -23,8 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -32,7 +30,7 @@ from completion.batch import Batch
 from completion.masks import FIXED_MASKS, fixed_mask
 from completion.model import OBJECTIVES, CompletionModel, ModelConfig, build_model
 from completion.tasks import DROP_KINDS, TASKS, TaskConfig, drop_history, make_regions, task_index
-from scope.io import atomic_path
+from scope import io
 
 CHECKPOINT = "checkpoint.safetensors"
 CALIBRATION_BUFFERS = {"residual_weight", "spread"}
@@ -61,6 +59,8 @@ class TrainConfig:
     dropout_block_slots: int = 4  # block length of the blockwise history dropout (an hour of 15-minute slots)
 
     def __post_init__(self):
+        object.__setattr__(self, "tasks", tuple(self.tasks))  # lists from a parser or JSON
+        object.__setattr__(self, "history_dropout", tuple(self.history_dropout))
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; expected one of {OBJECTIVES}")
         if any(not 0 <= f < 1 for f in self.history_dropout) or not 0 <= self.dropout_share <= 1:
@@ -173,49 +173,29 @@ def save_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module,
                     optimizer: torch.optim.Optimizer, generator: torch.Generator, step: int,
                     model_config: ModelConfig, train_config: TrainConfig | None = None,
                     task_config: TaskConfig | None = None) -> None:
-    """Write model, EMA, optimiser and RNG state to one safetensors file, atomically: a crash
-    mid-write leaves the previous checkpoint in place. The model, training and task configs go
-    into the metadata, so evaluation rebuilds the model and uses the mask it was trained with."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
-    state = optimizer.state_dict()
-    for i, s in state["state"].items():
-        tensors |= {f"optim.{i}.{k}": torch.as_tensor(v) for k, v in s.items()}
-    tensors["rng"] = generator.get_state()
-    metadata = {"step": str(step), "param_groups": json.dumps(state["param_groups"]),
-                "model_config": json.dumps(asdict(model_config))}
+    """Model, EMA, optimiser and RNG state in one atomic checkpoint (:func:`scope.io.save_checkpoint`).
+    The model, training and task configs go into the metadata, so evaluation rebuilds the model and
+    uses the mask it was trained with."""
+    metadata = {"model_config": json.dumps(asdict(model_config))}
     for key, config in (("train_config", train_config), ("task_config", task_config)):
         if config is not None:
             metadata[key] = json.dumps(asdict(config))
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    io.save_checkpoint(path, {"model": model, "ema": ema}, optimizer, generator, step, metadata)
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
                     generator: torch.Generator | None = None) -> int:
     """Restore what is given from a checkpoint; returns the step it was saved at."""
-    tensors, metadata = _read(path)
-    model.load_state_dict(_section(tensors, "model."))
-    if ema is not None:
-        ema.load_state_dict(_section(tensors, "ema."))
-    if optimizer is not None:
-        per_param: dict[int, dict[str, Tensor]] = {}
-        for k, v in _section(tensors, "optim.").items():
-            i, name = k.split(".", 1)
-            per_param.setdefault(int(i), {})[name] = v
-        optimizer.load_state_dict({"state": per_param,
-                                   "param_groups": json.loads(metadata["param_groups"])})
-    if generator is not None:
-        generator.set_state(tensors["rng"])
-    return int(metadata["step"])
+    modules = {"model": model} | ({"ema": ema} if ema is not None else {})
+    return io.load_checkpoint(path, modules, optimizer, generator)[0]
 
 
 def load_model(path: str | Path, use_ema: bool = True) -> CompletionModel:
     """Rebuild a trained model (EMA weights by default) from a checkpoint, in eval mode."""
-    tensors, metadata = _read(path)
+    tensors, metadata = io.read_checkpoint(path)
     model = build_model(checkpoint_configs(path, metadata)[0])
-    missing, unexpected = model.load_state_dict(_section(tensors, "ema." if use_ema else "model."), strict=False)
+    missing, unexpected = model.load_state_dict(io.checkpoint_section(tensors, "ema" if use_ema else "model"), strict=False)
     if unexpected or set(missing) - CALIBRATION_BUFFERS:
         raise ValueError(f"{path}: the weights do not match the model config: missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")
@@ -227,25 +207,12 @@ def checkpoint_configs(path: str | Path, metadata: dict[str, str] | None = None
     """The model, training and task configs stored with a checkpoint (None where an older
     checkpoint has none)."""
     if metadata is None:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata()
+        metadata = io.checkpoint_metadata(path)
     model = json.loads(metadata["model_config"])
-    model["patch_size"] = tuple(model["patch_size"])
     train = json.loads(metadata["train_config"]) if "train_config" in metadata else None
     task = json.loads(metadata["task_config"]) if "task_config" in metadata else None
     if train is not None:
-        train = TrainConfig(**{**train, "tasks": tuple(train["tasks"]),
-                               "history_dropout": tuple(train.get("history_dropout", ()))})
+        train = TrainConfig(**train)
     if task is not None:
-        task = TaskConfig(**{**task, "cold_hidden_channels": tuple(task["cold_hidden_channels"])})
+        task = TaskConfig(**task)
     return ModelConfig(**model), train, task
-
-
-def _read(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-    return load_file(str(path)), metadata
-
-
-def _section(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

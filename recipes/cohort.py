@@ -12,12 +12,12 @@ from scope.data.simulate import CohortConfig, simulate_cohort
 
 @dataclass
 class CohortArguments(CohortConfig):
-    out_dir: str = "runs/default/cohort"
+    output_dir: str = "runs/default/cohort"
 
 
 def main(args: CohortArguments) -> dict:
-    summary = simulate_cohort(args, args.out_dir)
-    print(f"wrote {summary['events']:,} events of {summary['users']:,} users to {args.out_dir}")
+    summary = simulate_cohort(args, args.output_dir)
+    print(f"wrote {summary['events']:,} events of {summary['users']:,} users to {args.output_dir}")
     return summary
 
 

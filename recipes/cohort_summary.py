@@ -20,7 +20,7 @@ from scope.data.tsinghua import load_cohort
 class SummaryArguments:
     cohort_dir: str = "runs/default/cohort"
     tensors_dir: str = "runs/default/tensors"
-    out_dir: str = "runs/default/summary"
+    output_dir: str = "runs/default/summary"
 
 
 def main(args: SummaryArguments) -> dict:
@@ -32,10 +32,10 @@ def main(args: SummaryArguments) -> dict:
     dataset = BehaviourTensors(args.tensors_dir, "train")
     busiest = max(range(len(dataset)), key=lambda i: int(dataset[i]["x"][:-2].sum()))
     example = {k: v.numpy() for k, v in dataset[busiest].items()}
-    summary = summarize(loaded.events, loaded.categories, dataset.meta, example, args.out_dir,
+    summary = summarize(loaded.events, loaded.categories, dataset.meta, example, args.output_dir,
                         personas=personas, load_report=loaded.report.to_dict())
     print(pd.Series(summary["split_users"]).to_string())
-    print(f"summary: {args.out_dir}/summary.md")
+    print(f"summary: {args.output_dir}/summary.md")
     return summary
 
 

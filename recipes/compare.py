@@ -2,9 +2,10 @@
 cold-start, on per-user tensors or a UoMo-format city file.
 
     python recipes/compare.py --config recipes/configs/complete_users.yaml \
-        --run_dir runs/demo/completion --out_dir runs/demo/compare [--compare_entities 32]
+        --engine_dir runs/demo/completion --output_dir runs/demo/compare [--compare_entities 32]
 
-Reads the trained engine of ``recipes/complete.py train`` (``run_dir``) and scores, on the same
+Reads the trained engine of ``recipes/complete.py train`` (``engine_dir``, by default the config's
+``output_dir``, where training wrote it) and scores with ``completion.evaluate.evaluate``, on the same
 regions (same targets, same available region; completion.evaluate.task_regions with a fixed
 seed): persistence (the last available value), the historical average (with the slot-of-day
 profile fitted on train), ARIMA(1,0,0) with a daily Fourier regressor (short / long only: it needs
@@ -16,32 +17,36 @@ cold-start, when ``eval_tasks`` has it, on ``cold_split`` (default: the ``cold``
 per-user tensors, ``split`` on a city file), with app-category recommendation (Recall / NDCG @k of
 the categories used in the target period) where the data has app channels. Writes
 ``comparison.json`` and ``comparison.md`` (whose first line names the best method per task)
-under ``out_dir``.
+under ``output_dir``.
 """
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from trl import TrlParser
 
 from completion.baselines import ARIMA, DiTForecaster, HistoricalAverage, PatchTST, Persistence, train_patchtst
-from completion.evaluate import task_regions
-from completion.metrics import rmse_mae
-from completion.recommend import app_channels, recommendation_report
-from completion.train import CHECKPOINT, checkpoint_configs, load_model
-from recipes.complete import CompleteArguments, _evidence, load_split
+from completion.evaluate import evaluate
+from completion.masks import UMaskConfig
+from completion.model import ModelConfig
+from completion.tasks import TaskConfig
+from completion.recommend import app_channels
+from completion.train import CHECKPOINT, TrainConfig, checkpoint_configs, load_model
+from recipes.complete import CompleteArguments, Configs, _evidence, load_split
+from scope.cli import parse_config
 from scope.io import write_json, write_text
 
 ENGINE = "engine (U-MASK + DiT over the prior)"
 
 
 @dataclass
-class CompareArguments(CompleteArguments):
-    out_dir: str = "runs/complete/compare"
+class CompareArguments:
+    """Settings of the comparison, parsed beside the completion config it shares with complete.py."""
+
+    engine_dir: str = ""              # the trained engine; "" = the config's output_dir
     compare_entities: int = 32        # evenly spaced entities per split (0 = all): every method sees the same ones
     cold_split: str = ""              # "" = the cold users of per-user tensors, `split` on a city file
     patchtst_steps: int = 100
@@ -57,23 +62,19 @@ def _subset(data, n: int):
     return data
 
 
-def score(method, data, task_name: str, args: CompareArguments, recommend: bool) -> dict:
-    task, regions = task_regions(data.batch, task_name, args.task_config, args.seed)
-    start = time.perf_counter()
-    pred = method.predict(data.batch, task, regions)
-    seconds = time.perf_counter() - start
-    rmse, mae = rmse_mae(pred, data.batch.x, regions.target)
-    rmse_o, mae_o = rmse_mae(data.inverse(pred), data.inverse(data.batch.x), regions.target)
+def score(method, data, task_name: str, cfg: Configs, recommend: bool) -> dict:
+    """`completion.evaluate.evaluate`, summarised over channels (all, and the app categories)."""
     has_apps = any(c.startswith("app:") for c in data.channels)
     apps = app_channels(data.channels) if has_apps else list(range(len(data.channels)))
-    out = {"rmse_norm": rmse.nanmean().item(), "mae_norm": mae.nanmean().item(),
+    report = evaluate(method, data.batch, task_name, cfg.task, data.inverse, cfg.train.seed,
+                      recommend_channels=app_channels(data.channels) if recommend and has_apps else None)
+    rmse_o, mae_o = torch.tensor(report["rmse_orig"]), torch.tensor(report["mae_orig"])
+    out = {"rmse_norm": report["rmse_mean"], "mae_norm": report["mae_mean"],
            "rmse_apps": rmse_o[apps].nanmean().item(), "mae_apps": mae_o[apps].nanmean().item(),
-           "rmse_orig": rmse_o.tolist(), "mae_orig": mae_o.tolist(), "channels": data.channels,
-           "entities": len(data.batch), "target_entries": int(regions.target.sum()),
-           "ms_per_entity": 1000 * seconds / max(len(data.batch), 1)}
-    if recommend and has_apps:
-        rec = recommendation_report(pred, data.batch.x, regions.target, app_channels(data.channels), data.inverse)
-        out.update({k: v for k, v in rec.items() if k.startswith(("recall@", "ndcg@", "users"))})
+           "rmse_orig": report["rmse_orig"], "mae_orig": report["mae_orig"], "channels": data.channels,
+           "entities": len(data.batch), "target_entries": report["target_entries"],
+           "ms_per_entity": report["ms_per_entity"]}
+    out.update({k: v for k, v in report.get("recommendation", {}).items() if k.startswith(("recall@", "ndcg@", "users"))})
     return out
 
 
@@ -109,32 +110,36 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args: CompareArguments) -> dict:
+def main(cfg: Configs, compare: CompareArguments) -> dict:
+    args, seed = cfg.args, cfg.train.seed
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    path = Path(args.run_dir) / CHECKPOINT
+    path = Path(compare.engine_dir or args.output_dir) / CHECKPOINT
+    if not path.exists():
+        raise SystemExit(f"{path}: no trained engine; run `recipes/complete.py train` first or set --engine_dir")
     model_config, _, _ = checkpoint_configs(path)
-    model = load_model(path).to(args.device)
-    train = load_split(args, "train", model_config)
+    model = load_model(path).to(cfg.train.device)
+    train = load_split(cfg, "train", model_config.cell_dim)
     model.set_slots_per_day(train.slots_per_day)
-    cold_split = args.cold_split or ("cold" if args.data == "tensors" else args.split)
+    cold_split = compare.cold_split or ("cold" if args.data == "tensors" else args.split)
     splits = {t: (cold_split if t == "cold" else args.split) for t in args.eval_tasks}
-    data = {s: _subset(load_split(args, s, model_config), args.compare_entities) for s in set(splits.values())}
+    data = {s: _subset(load_split(cfg, s, model_config.cell_dim), compare.compare_entities)
+            for s in set(splits.values())}
     slots_per_day = train.slots_per_day
     T = train.batch.x.shape[2]
 
     ha = HistoricalAverage(profile=True, slots_per_day=slots_per_day).fit(train.batch)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     patchtst = PatchTST(T=T, channels=train.batch.x.shape[1], slots_per_day=slots_per_day)
-    losses = train_patchtst(patchtst, train.batch, args.task_config, ("short", "long"), steps=args.patchtst_steps,
-                            batch_size=args.patchtst_batch_size, seed=args.seed)
-    arima = ARIMA((1, 0, 0), 2, slots_per_day=slots_per_day).fit(train.batch) if args.arima else None
+    losses = train_patchtst(patchtst, train.batch, cfg.task, ("short", "long"), steps=compare.patchtst_steps,
+                            batch_size=compare.patchtst_batch_size, seed=seed)
+    arima = ARIMA((1, 0, 0), 2, slots_per_day=slots_per_day).fit(train.batch) if compare.arima else None
     methods = {"persistence": Persistence(), "historical average": ha, "ARIMA(1,0,0) + daily Fourier": arima,
                "PatchTST-style": patchtst,
                "DiT, whole available region": DiTForecaster(model, "available", args.n_samples, args.sampler_steps,
-                                                            args.seed),
-               ENGINE: DiTForecaster(model, _evidence(args, path), args.n_samples, args.sampler_steps, args.seed)}
+                                                            seed),
+               ENGINE: DiTForecaster(model, _evidence(args, path), args.n_samples, args.sampler_steps, seed)}
     table, skipped = {}, {}
     for task_name, split in splits.items():
         d = data[split]
@@ -143,7 +148,7 @@ def main(args: CompareArguments) -> dict:
             if method is None or len(d.batch) == 0:
                 continue
             try:
-                rows[name] = score(method, d, task_name, args, recommend=task_name == "cold")
+                rows[name] = score(method, d, task_name, cfg, recommend=task_name == "cold")
             except ValueError as err:  # ARIMA: missing days leave no history prefix to fit a series on
                 skipped[f"{name} ({task_name})"] = str(err)
                 continue
@@ -158,7 +163,7 @@ def main(args: CompareArguments) -> dict:
                       "*_apps in records per slot (mean over app-category channels), *_orig per channel "
                       "in original units. Baselines read the whole available region; "
                       "U-MASK reveals the subset it chooses."}
-    out = Path(args.out_dir)
+    out = Path(args.output_dir)
     write_json(out / "comparison.json", report)
     notes = "".join(f"- {k} not scored: {v}\n" for k, v in skipped.items())
     write_text(out / "comparison.md", f"# Completion vs baselines\n\n{summary}\n\n" + markdown(table) + notes)
@@ -167,6 +172,11 @@ def main(args: CompareArguments) -> dict:
     return report
 
 
+def parse(argv: list[str]) -> tuple[Configs, CompareArguments]:
+    args, compare, model, umask, task, train_config = parse_config(
+        (CompleteArguments, CompareArguments, ModelConfig, UMaskConfig, TaskConfig, TrainConfig), argv)
+    return Configs(args, replace(model, umask=umask), task, train_config), compare
+
+
 if __name__ == "__main__":
-    (arguments,) = TrlParser((CompareArguments,)).parse_args_and_config(sys.argv[1:])
-    main(arguments)
+    main(*parse(sys.argv[1:]))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from trl import TrlParser
 
+from scope.run.stages import STAGES, stage_folder, stage_output
 from scope.run.pipeline import PipelineError, Stage, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class DemoArguments:
-    run_dir: str = "runs/demo"
+    output_dir: str = "runs/demo"
     # the simulated cohort (embedded default)
     n_users: int = 200
     days: int = 7
@@ -59,11 +60,10 @@ def _in_repo(path: str) -> str:
 
 
 def stages(args: DemoArguments, python: str = sys.executable) -> list[Stage]:
-    run = Path(args.run_dir).resolve()
+    run = Path(args.output_dir).resolve()
     for name in [f for f in DemoArguments.__dataclass_fields__ if f.endswith("_config")]:
         setattr(args, name, _in_repo(getattr(args, name)))
-    d = {name: run / name for name in ("cohort", "tensors", "summary", "sft", "dpo", "evaluation", "synthesis",
-                                       "embeddings", "completion", "compare", "pituning", "lightgbm", "report")}
+    d = {name: stage_folder(run, name) for name in STAGES}
     cache = str(run / "teacher_cache")
     threads = [] if not args.threads else None
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
@@ -76,64 +76,64 @@ def stages(args: DemoArguments, python: str = sys.executable) -> list[Stage]:
         return [] if threads is not None else [flag, str(args.threads)]
 
     profile_data = ["--cohort_dir", d["cohort"], "--simulate_if_missing", "false", "--teacher_cache_dir", cache]
-    embeddings = d["embeddings"] / "user_embeddings.safetensors"
+    embeddings = stage_output(run, "embed")
     completion = ["--config", args.complete_config, "--data_path", d["tensors"], "--embeddings", embeddings,
-                  "--run_dir", d["completion"]]
+                  "--output_dir", d["completion"]]
     out = [
-        Stage("cohort", [recipe("cohort", "--config", args.cohort_config, "--out_dir", d["cohort"], "--n_users",
+        Stage("cohort", [recipe("cohort", "--config", args.cohort_config, "--output_dir", d["cohort"], "--n_users",
                                 args.n_users, "--days", args.days, "--seed", args.seed)], d["cohort"],
-              configs=[args.cohort_config], outputs=[d["cohort"] / "App_usage_trace.txt"],
+              configs=[args.cohort_config], outputs=[stage_output(run, "cohort")],
               description="simulate a cohort in the Tsinghua App Usage format"),
         Stage("tensors", [recipe("tensorize", "--config", args.tensorize_config, "--cohort_dir", d["cohort"],
-                                 "--out_dir", d["tensors"], "--seed", args.seed)], d["tensors"],
+                                 "--output_dir", d["tensors"], "--seed", args.seed)], d["tensors"],
               configs=[args.tensorize_config], inputs=[d["cohort"]], needs=["cohort"],
-              outputs=[d["tensors"] / "dataset.json"], description="load, validate and tensorize the cohort"),
+              outputs=[stage_output(run, "tensors")], description="load, validate and tensorize the cohort"),
         Stage("summary", [recipe("cohort_summary", "--cohort_dir", d["cohort"], "--tensors_dir", d["tensors"],
-                                 "--out_dir", d["summary"])], d["summary"], inputs=[d["cohort"], d["tensors"]],
-              needs=["cohort", "tensors"], outputs=[d["summary"] / "summary.json"],
+                                 "--output_dir", d["summary"])], d["summary"], inputs=[d["cohort"], d["tensors"]],
+              needs=["cohort", "tensors"], outputs=[stage_output(run, "summary")],
               description="cohort summary and figures"),
         Stage("sft", [recipe("sft", "--config", args.sft_config, *profile_data, "--output_dir", d["sft"],
-                             *opt("--cpu_threads"))], d["sft"], configs=[args.sft_config], inputs=[d["cohort"]],
-              needs=["cohort"], outputs=[d["sft"] / "adapter_model.safetensors"],
+                             *opt("--threads"))], d["sft"], configs=[args.sft_config], inputs=[d["cohort"]],
+              needs=["cohort"], outputs=[stage_output(run, "sft")],
               description="teacher profiles + SFT (CoT distillation) of the LoRA student"),
         Stage("dpo", [recipe("dpo", "--config", args.dpo_config, *profile_data, "--sft_adapter", d["sft"],
-                             "--output_dir", d["dpo"], *opt("--cpu_threads"))], d["dpo"], configs=[args.dpo_config],
-              inputs=[d["cohort"], d["sft"]], needs=["sft"], outputs=[d["dpo"] / "adapter_model.safetensors"],
+                             "--output_dir", d["dpo"], *opt("--threads"))], d["dpo"], configs=[args.dpo_config],
+              inputs=[d["cohort"], d["sft"]], needs=["sft"], outputs=[stage_output(run, "dpo")],
               description="DPO (Eq. 27) on top of the SFT student"),
-        Stage("evaluate", [recipe("evaluate", "--config", args.evaluate_config, *profile_data, "--out_dir",
-                                  d["evaluation"], "--sft_adapter", d["sft"], "--dpo_adapter", d["dpo"],
-                                  *opt("--cpu_threads"))], d["evaluation"], configs=[args.evaluate_config],
+        Stage("evaluate", [recipe("evaluate", "--config", args.evaluate_config, *profile_data, "--output_dir",
+                                  d["evaluate"], "--sft_adapter", d["sft"], "--dpo_adapter", d["dpo"],
+                                  *opt("--threads"))], d["evaluate"], configs=[args.evaluate_config],
               inputs=[d["cohort"], d["sft"], d["dpo"]], needs=["sft", "dpo"],
-              outputs=[d["evaluation"] / "evaluation.json"],
+              outputs=[stage_output(run, "evaluate")],
               description="student evaluation: before SFT / after SFT / after DPO"),
         Stage("synthesis", [recipe("synthesize", cmd, "--config", args.synthesize_config, "--cohort_dir", d["cohort"],
                                    "--output_dir", d["synthesis"]) for cmd in ("train", "generate", "report")],
               d["synthesis"], configs=[args.synthesize_config], inputs=[d["cohort"]], needs=["cohort"],
-              requires=[ROOT / "recipes" / "synthesize.py", args.synthesize_config],
-              outputs=[d["synthesis"] / "report" / "fidelity.json"],
+              outputs=[stage_output(run, "synthesis")],
               description="semantic-augmented synthetic cohort + fidelity report"),
-        Stage("embed", [recipe("embed", "--config", args.embed_config, *profile_data, "--out_dir", d["embeddings"])],
-              d["embeddings"], configs=[args.embed_config], inputs=[d["cohort"]], needs=["cohort"],
+        Stage("embed", [recipe("embed", "--config", args.embed_config, *profile_data, "--output_dir", d["embed"])],
+              d["embed"], configs=[args.embed_config], inputs=[d["cohort"]], needs=["cohort"],
               outputs=[embeddings], description="user embeddings h_u (Eq. 24)"),
         Stage("completion", [recipe("complete", "train", *completion),
                              recipe("complete", "evaluate", *completion, "--max_entities", 32)],
               d["completion"], configs=[args.complete_config], inputs=[d["tensors"], embeddings],
-              needs=["tensors", "embed"], outputs=[d["completion"] / "eval_tensors_test.json"],
+              needs=["tensors", "embed"], outputs=[stage_output(run, "completion")],
               description="U-MASK + DiT training (Algorithm 1) and evaluation"),
-        Stage("compare", [recipe("compare", *completion, "--out_dir", d["compare"], *opt("--threads"))],
+        Stage("compare", [recipe("compare", *completion, "--engine_dir", d["completion"], "--output_dir", d["compare"],
+                                 *opt("--threads"))],
               d["compare"], configs=[args.complete_config], inputs=[d["tensors"], embeddings, d["completion"]],
-              needs=["completion"], outputs=[d["compare"] / "comparison.json"],
+              needs=["completion"], outputs=[stage_output(run, "compare")],
               description="short / long / cold-start completion vs baselines"),
-        Stage("pituning", [recipe("pituning", "--config", args.pituning_config, "--run_dir", d["pituning"],
+        Stage("pituning", [recipe("pituning", "--config", args.pituning_config, "--output_dir", d["pituning"],
                                   *opt("--threads"))], d["pituning"], configs=[args.pituning_config],
-              outputs=[d["pituning"] / "report.json"], description="PITuning intent prediction"),
+              outputs=[stage_output(run, "pituning")], description="PITuning intent prediction"),
         Stage("lightgbm", [recipe("intent_baselines", "--config", args.pituning_config, "--cohort_dir",
-                                  d["pituning"] / "cohort", "--out_dir", d["lightgbm"])], d["lightgbm"],
+                                  d["pituning"] / "cohort", "--output_dir", d["lightgbm"])], d["lightgbm"],
               configs=[args.pituning_config], inputs=[d["pituning"] / "cohort"], needs=["pituning"],
-              outputs=[d["lightgbm"] / "lightgbm.json"], description="LightGBM intent baselines"),
-        Stage("report", [recipe("report", "--run_dir", run, "--out_dir", d["report"], "--demo_config",
+              outputs=[stage_output(run, "lightgbm")], description="LightGBM intent baselines"),
+        Stage("report", [recipe("report", "--run_dir", run, "--output_dir", d["report"], "--demo_config",
                                 getattr(args, "config_path", "") or "")], d["report"],
-              inputs=[d[k] for k in d if k != "report"], outputs=[d["report"] / "index.html"], always=True,
+              inputs=[d[k] for k in d if k != "report"], outputs=[stage_output(run, "report")], always=True,
               description="one HTML page with every result"),
     ]
     for stage in out:
@@ -153,13 +153,13 @@ def main(args: DemoArguments) -> int:
         results = run_pipeline(pipeline, cwd=ROOT, only=args.only, start=args.from_stage, until=args.until,
                                force=args.force,
                                keep_going=args.keep_going, quiet=args.quiet,
-                               status_path=Path(args.run_dir) / "pipeline.json")
+                               status_path=Path(args.output_dir) / "pipeline.json")
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    report = Path(args.run_dir) / "report" / "index.html"
+    report = Path(args.output_dir) / "report" / "index.html"
     if report.exists():
         print(f"report: {report}")
     failed = [r.name for r in results if r.status in ("failed", "blocked")]

@@ -11,14 +11,13 @@ model card; resumes from its last checkpoint.
 """
 
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
+from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config
+from scope.cli import parse_config, use_threads
 
-from recipes.sft import use_cpu_threads, with_default_config
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.dpo import preference_dataset
 from scope.profiles.evaluation import generate_answers, held_out_metrics
@@ -39,7 +38,7 @@ class DPOScriptArguments(ProfileDataArguments):
     eval_users: int = 2
     eval_max_new_tokens: int = 512
     resume: bool = True
-    cpu_threads: int = 0
+    threads: int = 0
 
 
 def _mean(history: list[dict], key: str) -> float | None:
@@ -49,7 +48,7 @@ def _mean(history: list[dict], key: str) -> float | None:
 
 def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: ModelConfig) -> dict:
     start = time.perf_counter()
-    use_cpu_threads(script_args.cpu_threads, training_args.use_cpu)
+    use_threads(script_args.threads, training_args.use_cpu)
     out = Path(training_args.output_dir)
     corpus = build_corpus(script_args, report_dir=out)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
@@ -104,6 +103,4 @@ def _kinds(dataset) -> tuple[list[str], list[int]]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sys.argv = with_default_config(sys.argv, DEFAULT_CONFIG)
-    parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    main(*parse_config((DPOScriptArguments, DPOConfig, ModelConfig), default_config=DEFAULT_CONFIG))

@@ -8,15 +8,13 @@ teacher's profile and are counted). Output format: see scope/profiles/embedding.
 """
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from trl import TrlParser
+from scope.cli import parse_config
 
-from recipes.sft import with_default_config
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.embedding import EmbeddingHead, HeadConfig, ProfileEncoder, write_user_embeddings
 from scope.profiles.llms import EMBEDDER, load_embedder
@@ -28,7 +26,7 @@ log = logging.getLogger("recipes.embed")
 
 @dataclass
 class EmbedArguments(ProfileDataArguments):
-    out_dir: str = "runs/uscope/embeddings"
+    output_dir: str = "runs/uscope/embeddings"
     encoder: str = EMBEDDER
     dim: int = 64
     hidden_dim: int = 256
@@ -66,7 +64,7 @@ def profile_texts(args: EmbedArguments, corpus, users: list[int]) -> tuple[list[
 
 def main(args: EmbedArguments) -> dict:
     start = time.perf_counter()
-    corpus = build_corpus(args, report_dir=args.out_dir)
+    corpus = build_corpus(args, report_dir=args.output_dir)
     users = corpus.profiled(*args.splits)
     if not users:
         raise ValueError(f"no profiled users in splits {args.splits}")
@@ -76,7 +74,7 @@ def main(args: EmbedArguments) -> dict:
     t = time.perf_counter()
     h, sbert = encoder.encode(texts, batch_size=args.batch_size)
     encode_s = time.perf_counter() - t
-    path = write_user_embeddings(args.out_dir, users, texts, jsons, [corpus.split_of[u] for u in users], h, sbert,
+    path = write_user_embeddings(args.output_dir, users, texts, jsons, [corpus.split_of[u] for u in users], h, sbert,
                                  encoder.head, args.encoder)
     summary = {"users": len(users), "dim": int(h.shape[1]), "student_fallbacks": fallbacks,
                "encode_users_per_s": len(users) / max(encode_s, 1e-9), "wall_s": time.perf_counter() - start,
@@ -87,6 +85,4 @@ def main(args: EmbedArguments) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sys.argv = with_default_config(sys.argv, DEFAULT_CONFIG)
-    (arguments,) = TrlParser((EmbedArguments,)).parse_args_and_config()
-    main(arguments)
+    main(*parse_config((EmbedArguments,), default_config=DEFAULT_CONFIG))

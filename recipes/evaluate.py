@@ -9,14 +9,12 @@ raw answers under ``out_dir``.
 
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import TrlParser
+from scope.cli import parse_config, use_threads
 
-from recipes.sft import use_cpu_threads, with_default_config
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.evaluation import evaluate_student, evaluation_table
 from scope.io import write_json, write_text
@@ -29,7 +27,7 @@ log = logging.getLogger("recipes.evaluate")
 
 @dataclass
 class EvaluateArguments(ProfileDataArguments):
-    out_dir: str = "runs/uscope/evaluation"
+    output_dir: str = "runs/uscope/evaluation"
     model_name_or_path: str = "smollm2-135m-instruct"
     sft_adapter: str = "runs/uscope/sft"
     dpo_adapter: str = "runs/uscope/dpo"
@@ -38,12 +36,12 @@ class EvaluateArguments(ProfileDataArguments):
     max_new_tokens: int = 512
     batch_size: int = 4
     stages: list[str] = field(default_factory=lambda: ["before SFT", "after SFT", "after DPO"])
-    cpu_threads: int = 0
+    threads: int = 0
 
 
 def main(args: EvaluateArguments) -> dict:
-    use_cpu_threads(args.cpu_threads, True)
-    corpus = build_corpus(args, report_dir=args.out_dir)
+    use_threads(args.threads, True)
+    corpus = build_corpus(args, report_dir=args.output_dir)
     users = corpus.profiled(*args.eval_splits)[: args.max_users]
     if not users:
         raise ValueError(f"no held-out users in splits {args.eval_splits}")
@@ -54,7 +52,7 @@ def main(args: EvaluateArguments) -> dict:
     if unknown:
         raise ValueError(f"unknown stages {unknown}; expected some of {list(known)}")
     tokenizer = load_tokenizer(args.model_name_or_path)
-    out = Path(args.out_dir)
+    out = Path(args.output_dir)
     previous = json.loads((out / "evaluation.json").read_text()) if (out / "evaluation.json").exists() else {}
     rows = {s: r for s, r in previous.items() if s in known and r.get("user_ids") == users}  # same users: keep
     for stage in args.stages:
@@ -83,6 +81,4 @@ def main(args: EvaluateArguments) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sys.argv = with_default_config(sys.argv, DEFAULT_CONFIG)
-    (arguments,) = TrlParser((EvaluateArguments,)).parse_args_and_config()
-    main(arguments)
+    main(*parse_config((EvaluateArguments,), default_config=DEFAULT_CONFIG))

@@ -18,13 +18,13 @@ from scope.run.report import build_report
 @dataclass
 class ReportArguments:
     run_dir: str = "runs/demo"
-    out_dir: str = ""                 # default: <run_dir>/report
+    output_dir: str = ""                 # default: <run_dir>/report
     demo_config: str = ""             # the main job's YAML, shown in the report
     title: str = "U-SCOPE / U-MASK toolchain: run report"
 
 
 def main(args: ReportArguments):
-    path = build_report(args.run_dir, args.out_dir or f"{args.run_dir}/report", args.demo_config or None, args.title)
+    path = build_report(args.run_dir, args.output_dir or f"{args.run_dir}/report", args.demo_config or None, args.title)
     print(f"report: {path}")
     return path
 

@@ -14,7 +14,6 @@ Binds to 127.0.0.1 by default: put a real gateway in front before exposing it.
 
 import json
 import logging
-import sys
 import threading
 import time
 import uuid
@@ -24,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 from trl import TrlParser
 
+from scope.profiles.constrained import ChatGenerator
 from scope.profiles.llms import load_student, load_tokenizer
 from scope.profiles.sft import set_stop_token
 
@@ -43,40 +43,21 @@ class ServeArguments:
 
 
 class ChatModel:
-    """Chat generation for one model; optional schema-constrained decoding (outlines)."""
+    """The served model: one generation at a time (a lock), schema-constrained when configured."""
 
     def __init__(self, args: ServeArguments):
         if args.threads:
             torch.set_num_threads(args.threads)
         self.name = args.served_model_name or args.model
-        self.tokenizer = load_tokenizer(args.model)
-        self.model = load_student(args.model, args.adapters)
-        set_stop_token(self.model, self.tokenizer)
-        self.args, self.lock, self._generators = args, threading.Lock(), {}
+        tokenizer = load_tokenizer(args.model)
+        model = load_student(args.model, args.adapters)
+        set_stop_token(model, tokenizer)
+        self.args, self.lock, self.generator = args, threading.Lock(), ChatGenerator(model, tokenizer)
 
-    def _constrained(self, schema: dict):
-        key = json.dumps(schema, sort_keys=True)
-        if key not in self._generators:
-            import outlines
-            from outlines.types import JsonSchema
-
-            self._generators[key] = outlines.Generator(outlines.from_transformers(self.model, self.tokenizer),
-                                                       JsonSchema(schema))
-        return self._generators[key]
-
-    @torch.inference_mode()
     def chat(self, messages: list[dict], max_tokens: int, temperature: float, schema: dict | None) -> tuple[str, int, int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        sampling = {"do_sample": temperature > 0, **({"temperature": temperature} if temperature > 0 else {})}
         with self.lock:
-            prompt_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            if schema is not None and self.args.constrained:
-                answer = self._constrained(schema)(text, max_new_tokens=max_tokens, **sampling)
-                return answer, prompt_tokens, len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
-            batch = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.model.device)
-            out = self.model.generate(**batch, max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id, **sampling)
-            new = out[0, batch["input_ids"].shape[1]:]
-            return self.tokenizer.decode(new, skip_special_tokens=True), prompt_tokens, int(new.shape[0])
+            out = self.generator.generate(messages, max_tokens, schema if self.args.constrained else None, temperature)
+        return out.text, out.prompt_tokens, out.completion_tokens
 
 
 class BadRequest(ValueError):

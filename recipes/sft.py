@@ -11,14 +11,12 @@ checkpoint.
 """
 
 import logging
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config, get_quantization_config
+from scope.cli import parse_config, use_threads
 
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.evaluation import held_out_metrics
@@ -33,24 +31,12 @@ class SFTScriptArguments(ProfileDataArguments):
     eval_users: int = 2                  # held-out (test) users the student answers after training; 0 = skip
     eval_max_new_tokens: int = 512
     resume: bool = True                  # continue from the last checkpoint in output_dir
-    cpu_threads: int = 0                 # CPU training: torch threads per process (0 = all cores / processes)
-
-
-def with_default_config(argv: list[str], default: Path) -> list[str]:
-    """``accelerate launch recipes/<stage>.py`` with no ``--config`` uses the CPU default recipe."""
-    return argv if "--config" in argv else [argv[0], "--config", str(default), *argv[1:]]
-
-
-def use_cpu_threads(requested: int, use_cpu: bool) -> None:
-    """``accelerate launch`` without a config sets OMP_NUM_THREADS=1 on CPU-only machines: use the cores."""
-    if use_cpu or not torch.cuda.is_available():
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        torch.set_num_threads(requested or max(1, (os.cpu_count() or 1) // world))
+    threads: int = 0                 # CPU training: torch threads per process (0 = all cores / processes)
 
 
 def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict:
     start = time.perf_counter()
-    use_cpu_threads(script_args.cpu_threads, training_args.use_cpu)
+    use_threads(script_args.threads, training_args.use_cpu)
     out = Path(training_args.output_dir)
     corpus = build_corpus(script_args, report_dir=out)
     train = sft_dataset(corpus, script_args.train_splits)
@@ -85,6 +71,4 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sys.argv = with_default_config(sys.argv, DEFAULT_CONFIG)
-    parser = TrlParser((SFTScriptArguments, SFTConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    main(*parse_config((SFTScriptArguments, SFTConfig, ModelConfig), default_config=DEFAULT_CONFIG))

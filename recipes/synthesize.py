@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
+from scope.cli import parse_config
 
 from scope.profiles.corpus import build_corpus
 from scope.synthesis.fidelity import fidelity_report
@@ -42,8 +43,8 @@ log = logging.getLogger("recipes.synthesize")
 
 
 def _threads(args: SynthesisArguments) -> None:
-    if args.cpu_threads:
-        torch.set_num_threads(args.cpu_threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def _dirs(training_args: SFTConfig) -> tuple[Path, Path, Path, Path]:
@@ -180,11 +181,7 @@ def parse(argv: list[str]) -> tuple[str, SynthesisArguments, SFTConfig, ModelCon
     """``[stage, --config ..., --key value ...]`` -> the stage and the three parsed dataclasses."""
     if not argv or argv[0] not in STAGES:
         raise SystemExit(f"usage: recipes/synthesize.py {{{','.join(STAGES)}}} [--config YAML] [--key value ...]")
-    stage, rest = argv[0], list(argv[1:])
-    if "--config" not in rest:
-        rest = ["--config", str(DEFAULT_CONFIG), *rest]
-    parser = TrlParser((SynthesisArguments, SFTConfig, ModelConfig))
-    return (stage, *parser.parse_args_and_config(args=rest))
+    return (argv[0], *parse_config((SynthesisArguments, SFTConfig, ModelConfig), argv[1:], DEFAULT_CONFIG))
 
 
 STAGE_FUNCTIONS = {"train": train, "generate": generate, "report": report}

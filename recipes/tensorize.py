@@ -18,7 +18,7 @@ from scope.data.tsinghua import TRACE_FILE, TraceValidator, read_metadata, strea
 @dataclass
 class TensorizeArguments(TensorConfig):
     cohort_dir: str = "runs/default/cohort"
-    out_dir: str = "runs/default/tensors"
+    output_dir: str = "runs/default/tensors"
     lenient: bool = False              # skip bad rows (counted and reported) instead of stopping
     location_clusters: int = 6
     train_fraction: float = 0.8
@@ -36,16 +36,16 @@ def main(args: TensorizeArguments) -> dict:
     validator = TraceValidator(f"{args.cohort_dir}/{TRACE_FILE}", app_category, base_poi.index, strict=not args.lenient)
     cfg = TensorConfig(**{k: getattr(args, k) for k in TensorConfig.__dataclass_fields__})
     dataset = tensorize_cohort(
-        stream_trace(validator, validator.path, progress=True), args.out_dir, categories=categories,
+        stream_trace(validator, validator.path, progress=True), args.output_dir, categories=categories,
         location_cluster=clusters.labels, assign_split=splitter, cfg=cfg, stations=base_coords,
         meta={"cohort_dir": args.cohort_dir, "location_clusters": clusters.to_dict(),
               "splitter": asdict(splitter), "load_report": validator.report.to_dict()})
-    write_json(f"{args.out_dir}/load_report.json", validator.report.to_dict())
+    write_json(f"{args.output_dir}/load_report.json", validator.report.to_dict())
     if not validator.report.clean:
         print(validator.report.summary())
     totals = dataset["totals"]
     print(f"tensorized {totals['events']:,} events of {totals['users']:,} users into {totals['items']:,} windows "
-          f"[C={dataset['shape']['C']}, T={cfg.window_slots}, H={cfg.height}, W={cfg.width}] at {args.out_dir}; "
+          f"[C={dataset['shape']['C']}, T={cfg.window_slots}, H={cfg.height}, W={cfg.width}] at {args.output_dir}; "
           f"{totals['dropped_events'] / max(totals['events'], 1):.1%} of events fall outside the {dataset['layout']} layout")
     return dataset
 

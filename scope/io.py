@@ -1,4 +1,8 @@
-"""Atomic file writes: an artifact is either complete or absent, never half-written."""
+"""File helpers shared by every package: atomic writes (an artifact is either complete or absent,
+never half-written), JSON, figures and training checkpoints.
+
+This module imports nothing from the project, so ``scope`` and ``completion`` may both use it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,10 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 
 @contextmanager
@@ -51,3 +59,55 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def save_checkpoint(path: str | Path, modules: dict, optimizer=None, generator=None, step: int = 0,
+                    metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file with the state of ``modules`` (``{prefix: nn.Module}``; tensors named
+    ``<prefix>.<key>``), the optimiser (``optim.<param>.<key>``, its param groups in the metadata),
+    the RNG state and ``step``, written atomically: a crash mid-write keeps the previous checkpoint."""
+    tensors = {f"{prefix}.{k}": v for prefix, module in modules.items() for k, v in module.state_dict().items()}
+    meta = {"step": str(step)}
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for i, s in state["state"].items():
+            tensors |= {f"optim.{i}.{k}": torch.as_tensor(v) for k, v in s.items()}
+        meta["param_groups"] = json.dumps(state["param_groups"])
+    if generator is not None:
+        tensors["rng"] = generator.get_state()
+    meta |= metadata or {}
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file, without reading its tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors checkpoint."""
+    return load_file(str(path)), checkpoint_metadata(path)
+
+
+def checkpoint_section(tensors: dict, prefix: str) -> dict:
+    """The tensors saved under ``<prefix>.``, with the prefix removed."""
+    prefix = prefix.rstrip(".") + "."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_checkpoint(path: str | Path, modules: dict, optimizer=None, generator=None) -> tuple[int, dict[str, str]]:
+    """Restore what is given from :func:`save_checkpoint`'s file; returns ``(step, metadata)``."""
+    tensors, metadata = read_checkpoint(path)
+    for prefix, module in modules.items():
+        module.load_state_dict(checkpoint_section(tensors, prefix))
+    if optimizer is not None and "param_groups" in metadata:
+        per_param: dict[int, dict] = {}
+        for k, v in checkpoint_section(tensors, "optim").items():
+            i, name = k.split(".", 1)
+            per_param.setdefault(int(i), {})[name] = v
+        optimizer.load_state_dict({"state": per_param, "param_groups": json.loads(metadata["param_groups"])})
+    if generator is not None and "rng" in tensors:
+        generator.set_state(tensors["rng"])
+    return int(metadata["step"]), metadata

@@ -12,6 +12,16 @@ torch.set_num_threads(1)
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device: skipped on CPU machines."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def shared_data(relative: str) -> Path:
     """A file of ../shared/data: skipped when absent, but a failure under CI (CI must have it)."""
     path = SHARED_DATA / relative

@@ -172,8 +172,8 @@ def test_always_stages_rerun_and_status_file_lists_every_stage(tmp_path, chain):
 def test_demo_stages_and_command_line():
     from recipes.demo import parse, stages
 
-    args = parse(["--config", "recipes/configs/demo.yaml", "--from", "dpo", "--run_dir", "/tmp/x"])
-    assert args.from_stage == "dpo" and args.run_dir == "/tmp/x"
+    args = parse(["--config", "recipes/configs/demo.yaml", "--from", "dpo", "--output_dir", "/tmp/x"])
+    assert args.from_stage == "dpo" and args.output_dir == "/tmp/x"
     pipeline = stages(args)
     assert [s.name for s in pipeline] == ["cohort", "tensors", "summary", "sft", "dpo", "evaluate", "synthesis", "embed",
                                           "completion", "compare", "pituning", "lightgbm", "report"]
@@ -202,7 +202,7 @@ def test_until_stops_after_a_stage(tmp_path, chain):
 def test_demo_data_stages_end_to_end(tmp_path):
     from recipes import demo
 
-    args = demo.DemoArguments(run_dir=str(tmp_path), n_users=10, days=2, until="summary", quiet=True)
+    args = demo.DemoArguments(output_dir=str(tmp_path), n_users=10, days=2, until="summary", quiet=True)
     assert demo.main(args) == 0
     for name in ("summary.md", "summary.json", "activity_by_group.png", "apps_by_group.png", "example_tensor.png"):
         assert (tmp_path / "summary" / name).stat().st_size > 0

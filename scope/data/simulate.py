@@ -233,25 +233,37 @@ def _nearest(city: City, candidates: np.ndarray, point: np.ndarray, rng, spread:
     return int(candidates[np.argsort(d)[rng.integers(0, min(spread, len(candidates)))]])
 
 
+def place_user(city: City, persona: Persona, rng: np.random.Generator, max_leisure: int
+               ) -> tuple[int, int, int, np.ndarray]:
+    """A user's home, work and transit stations (work near home, transit between them) and 2 to
+    ``max_leisure`` leisure / scenic stations near home."""
+    home = int(rng.choice(city.stations_in(persona.home_zone)))
+    work = _nearest(city, city.stations_in(persona.work_zone or "leisure"), city.xy[home] + rng.normal(0, 4, 2), rng)
+    transit = _nearest(city, city.stations_in("transport"), (city.xy[home] + city.xy[work]) / 2, rng)
+    leisure_pool = np.concatenate([city.stations_in("leisure"), city.stations_in("scenic")])
+    leisure = np.array([_nearest(city, leisure_pool, city.xy[home] + rng.normal(0, 3, 2), rng, spread=8)
+                        for _ in range(rng.integers(2, max_leisure + 1))])
+    return home, work, transit, leisure
+
+
+def day_roles(persona: Persona, weekend: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """The role (home / work / transit / leisure) of every 15-minute slot of every day: the persona's
+    weekday or weekend plan, shifted by a per-user offset (returned, in slots) plus a per-day jitter."""
+    offset = int(rng.integers(-3, 4))
+    return np.concatenate([_plan_slots(persona.weekend_plan if w else persona.weekday_plan,
+                                       offset + int(rng.integers(-2, 3))) for w in weekend]), offset
+
+
 def simulate_user(user_id: int, persona_name: str, cold_start: bool, city: City, cfg: CohortConfig,
                   rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict]:
     """Events of one user as column arrays (seconds since the start date), and its ground truth."""
     persona = PERSONAS[persona_name]
-    home = int(rng.choice(city.stations_in(persona.home_zone)))
-    work_zone = persona.work_zone or "leisure"
-    work = _nearest(city, city.stations_in(work_zone), city.xy[home] + rng.normal(0, 4, 2), rng)
-    transit = _nearest(city, city.stations_in("transport"), (city.xy[home] + city.xy[work]) / 2, rng)
-    leisure_pool = np.concatenate([city.stations_in("leisure"), city.stations_in("scenic")])
-    leisure = np.array([_nearest(city, leisure_pool, city.xy[home] + rng.normal(0, 3, 2), rng, spread=8)
-                        for _ in range(rng.integers(2, 5))])
+    home, work, transit, leisure = place_user(city, persona, rng, max_leisure=4)
 
     n_days, n_slots = cfg.days, cfg.days * SLOTS_PER_DAY
     start = pd.Timestamp(cfg.start_date)
     weekend = np.array([(start + pd.Timedelta(days=d)).day_of_week >= 5 for d in range(n_days)])
-    offset = int(rng.integers(-3, 4))
-    roles = np.concatenate([
-        _plan_slots(persona.weekend_plan if weekend[d] else persona.weekday_plan, offset + int(rng.integers(-2, 3)))
-        for d in range(n_days)])
+    roles, offset = day_roles(persona, weekend, rng)
 
     # Station of every slot: the place of its role; travellers move to a new area every day.
     place = {HOME: np.full(n_days, home), WORK: np.full(n_days, work), TRANSIT: np.full(n_days, transit)}

@@ -16,7 +16,7 @@ import pandas as pd
 SPLITS = ("train", "val", "test", "cold")
 
 
-def _uniform_hash(values: np.ndarray, seed: int) -> np.ndarray:
+def uniform_hash(values: np.ndarray, seed: int) -> np.ndarray:
     """A splitmix64 hash of ``values`` mapped to [0, 1)."""
     with np.errstate(over="ignore"):
         z = np.asarray(values).astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
@@ -41,7 +41,7 @@ class UserSplitter:
 
     def __call__(self, user_ids, n_events) -> np.ndarray:
         """Split name of each user, given its id and its number of events."""
-        u = _uniform_hash(np.asarray(user_ids), self.seed)
+        u = uniform_hash(np.asarray(user_ids), self.seed)
         names = np.where(u < self.train, "train", np.where(u < self.train + self.val, "val", "test"))
         return np.where(np.asarray(n_events) < self.cold_start_max_events, "cold", names).astype(object)
 

@@ -58,8 +58,3 @@ class PromptBuilder:
 
     def __call__(self, stats: UserStatistics) -> UserPrompt:
         return UserPrompt(stats.user_id, self.system, self.user_template.render(s=stats).strip(), stats)
-
-
-def build_prompts(stats: dict[int, UserStatistics], builder: PromptBuilder | None = None) -> dict[int, UserPrompt]:
-    builder = builder or PromptBuilder()
-    return {u: builder(s) for u, s in stats.items()}

@@ -36,6 +36,7 @@ import numpy as np
 from scope.io import write_text
 from scope.profiles.schema import (AppPreference, LocationTendency, Profile, ProfileError, TemporalRegularities,
                             generation_schema, parse_profile, profile_json_schema)
+from scope.profiles.constrained import ChatGenerator
 from scope.profiles.prompts import UserPrompt
 from scope.data.statistics import UserStatistics
 
@@ -187,21 +188,17 @@ class LocalTeacher(Teacher):
 
     def __init__(self, model, tokenizer, *, model_name: str = "local", max_new_tokens: int = 512,
                  categories: list[str] | None = None, areas: list[str] | None = None, max_chars: int = 300):
-        import outlines
-        from outlines.types import JsonSchema
-
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.chat = ChatGenerator(model, tokenizer)
         self.max_new_tokens = max_new_tokens
         self.schema = generation_schema(categories, areas, max_chars)
         schema_sha = hashlib.sha256(json.dumps(self.schema, sort_keys=True).encode()).hexdigest()[:12]
         self.name = f"local:{model_name}:{schema_sha}:{max_new_tokens}"
-        self._generator = outlines.Generator(outlines.from_transformers(self.model, tokenizer), JsonSchema(self.schema))
+        self.chat.constrained(self.schema)  # compile the schema now, not at the first user
 
     def generate(self, prompts: Sequence[UserPrompt]) -> list[TeacherResult]:
         out = []
         for p in prompts:
-            text = self.tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
-            raw = self._generator(text, max_new_tokens=self.max_new_tokens, do_sample=False)
+            raw = self.chat.generate(p.messages, self.max_new_tokens, self.schema).text
             try:
                 out.append(TeacherResult(p.user_id, parse_profile(raw), raw))
             except ProfileError as err:  # e.g. cut by max_new_tokens

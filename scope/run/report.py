@@ -23,6 +23,7 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from scope.io import write_json, write_text
+from scope.run.stages import STAGES, stage_folder
 
 log = logging.getLogger(__name__)
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
@@ -140,9 +141,14 @@ class Run:
                 "interrupted": f"stage '{stage}' was interrupted; rerun the main job to resume it",
                 "not run": f"stage '{stage}' has not run yet"}.get(status, f"stage '{stage}': {status} {detail}".strip())
 
-    def folder(self, stage: str, default: str) -> Path:
+    def folder(self, stage: str) -> Path:
+        """Where ``stage`` wrote: as the pipeline recorded it, else its folder in :data:`STAGES`."""
         row = self.status.get(stage)
-        return Path(row["folder"]) if row else self.root / default
+        return Path(row["folder"]) if row else stage_folder(self.root, stage)
+
+    def output(self, stage: str) -> Path:
+        """The file that marks ``stage`` done (:data:`STAGES`)."""
+        return self.folder(stage) / STAGES[stage][1]
 
 
 def guarded(run: Run, section: Section, stage: str, build: Callable[[Section], None]) -> Section:
@@ -210,8 +216,8 @@ def section_cohort(run: Run) -> Section:
                 "loader and cut into behaviour tensors.")
 
     def build(s: Section):
-        folder = run.folder("summary", "summary")
-        summary = read_json(folder / "summary.json")
+        folder = run.folder("summary")
+        summary = read_json(run.output("summary"))
         rows = [{"quantity": "users", "value": summary.get("users")},
                 {"quantity": "app-usage records", "value": summary.get("events")},
                 {"quantity": "days", "value": summary.get("days")},
@@ -238,7 +244,7 @@ def section_student(run: Run) -> Section:
                 "structured profile; it is distilled from a teacher (SFT) and then aligned with preference pairs (DPO).")
 
     def build_eval(s: Section):
-        rows = read_json(run.folder("evaluate", "evaluation") / "evaluation.json")
+        rows = read_json(run.output("evaluate"))
         order = ["before SFT", "after SFT", "after DPO"]
         table = [{"student": name, **{k: v for k, v in rows[name].items() if k != "user_ids"}}
                  for name in order if name in rows]
@@ -247,7 +253,7 @@ def section_student(run: Run) -> Section:
                        "places are the user's real top-3 (grounding@3); higher is better.", first="student")
 
     def build_dpo(s: Section):
-        m = read_json(run.folder("dpo", "dpo") / "metrics.json")
+        m = read_json(run.folder("dpo") / "metrics.json")
         keys = ["pairs", "pairs_by_kind", "beta", "train_reward_accuracy", "train_reward_margin", "train_loss",
                 "heldout_pairs", "heldout_reward_accuracy", "heldout_reward_margin", "heldout_loss", "wall_s"]
         s.table([{"metric": k, "value": m.get(k)} for k in keys if k in m],
@@ -256,7 +262,7 @@ def section_student(run: Run) -> Section:
                 first="metric")
 
     def build_sft(s: Section):
-        m = read_json(run.folder("sft", "sft") / "metrics.json")
+        m = read_json(run.folder("sft") / "metrics.json")
         keys = ["train_users", "teacher", "teacher_failures", "train_loss", "train_runtime", "resumed_from", "wall_s"]
         s.table([{"metric": k, "value": m.get(k)} for k in keys if k in m],
                 "SFT run: users the teacher profiled for training, the teacher, and the final training loss.",
@@ -276,8 +282,8 @@ def section_synthesis(run: Run) -> Section:
                 "real users (TSTR) against training on real data (TRTR).")
 
     def build(s: Section):
-        folder = run.folder("synthesis", "synthesis") / "report"
-        f = read_json(folder / "fidelity.json")
+        f = read_json(run.output("synthesis"))
+        folder = run.output("synthesis").parent
         scalars = {k: v for k, v in f.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         first = ["pearson_r", "r2", "mae", "rmse", "tstr_accuracy", "trtr_accuracy", "majority_accuracy"]
         keys = [k for k in first if k in scalars] + [k for k in scalars if k not in first]
@@ -315,11 +321,11 @@ def section_embeddings(run: Run, out_dir: Path) -> tuple[Section, dict]:
         from scope.run.figures import user_cluster_figure
         from scope.data.simulate import read_ground_truth
 
-        path = run.folder("embed", "embeddings") / "user_embeddings.safetensors"
+        path = run.output("embed")
         if not path.exists():
             raise Missing(f"{path.name} not found")
         users, h = load_user_embeddings(path)
-        cohort = run.folder("cohort", "cohort")
+        cohort = run.folder("cohort")
         try:
             persona = read_ground_truth(cohort)["persona"]
             labels = [str(persona.get(int(u), "unknown")) for u in users]
@@ -359,7 +365,7 @@ def section_completion(run: Run, out_dir: Path) -> tuple[Section, dict]:
     curves: dict = {}
 
     def build_compare(s: Section):
-        report = read_json(run.folder("compare", "compare") / "comparison.json")
+        report = read_json(run.output("compare"))
         if report.get("headline"):
             s.text(f"In short: {report['headline']}")
         for task, rows in report.get("tasks", {}).items():
@@ -374,9 +380,9 @@ def section_completion(run: Run, out_dir: Path) -> tuple[Section, dict]:
             s.text(f"{method} was not scored: {why}")
 
     def build_figures(s: Section):
-        folder = run.folder("completion", "completion")
-        if not (folder / "eval_tensors_test.json").exists():
-            raise Missing("eval_tensors_test.json not found")
+        folder = run.folder("completion")
+        if not run.output("completion").exists():
+            raise Missing(f"{run.output('completion').name} not found")
         s.figure(folder / "figures" / "masks_tensors_test.png",
                  "Masks per task (paper Fig. 8): for each task, which time slots and places U-MASK reveals as evidence "
                  "(share of users), the joint time x place mask, and how concentrated the mask values are.")
@@ -402,10 +408,10 @@ def section_pituning(run: Run) -> Section:
 
     def build(s: Section):
         rows = []
-        report = read_json(run.folder("pituning", "pituning") / "report.json")
+        report = read_json(run.output("pituning"))
         rows += [{"method": m, **{k: v.get(k) for k in keys}} for m, v in report.get("metrics", {}).items()]
         try:
-            lgb = read_json(run.folder("lightgbm", "lightgbm") / "lightgbm.json")
+            lgb = read_json(run.output("lightgbm"))
             rows += [{"method": m, **{k: v.get(k) for k in keys}} for m, v in lgb.get("metrics", {}).items()]
         except Missing:
             s.missing(run.why_missing("lightgbm") if run.status.get("lightgbm", {}).get("status") not in
@@ -427,7 +433,7 @@ def section_curves(run: Run, out_dir: Path, completion_curves: dict) -> Section:
     wanted = {"sft": ("train/loss", "train/mean_token_accuracy"),
               "dpo": ("train/loss", "train/rewards/accuracies", "train/rewards/margins")}
     for stage, tags in wanted.items():
-        folder = run.folder(stage, stage)
+        folder = run.folder(stage)
         scalars = read_scalars(folder / "runs") if (folder / "runs").exists() else {}
         picked = {t.split("/", 1)[-1]: scalars[t] for t in tags if t in scalars}
         if picked:

@@ -37,13 +37,49 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
 
-from completion.metrics import agreement, js_divergence  # noqa: E402
 from scope.io import save_figure, write_json  # noqa: E402
 from scope.data.locations import poi_proportions  # noqa: E402
 from scope.synthesis.traces import TraceGrammar, TraceWindow  # noqa: E402
 
 DIFF_MARK = 0.05
+
+
+def js_divergence(p, q, eps: float = 0.0) -> float:
+    """Jensen-Shannon divergence of two histograms (normalised here), base 2: 0 = equal, 1 = disjoint."""
+    p, q = torch.as_tensor(p, dtype=torch.float64).flatten(), torch.as_tensor(q, dtype=torch.float64).flatten()
+    if p.shape != q.shape or (p < 0).any() or (q < 0).any() or p.sum() <= 0 or q.sum() <= 0:
+        raise ValueError("js_divergence needs two non-negative histograms of the same length with positive mass")
+    p, q = (p + eps) / (p + eps).sum(), (q + eps) / (q + eps).sum()
+    m = (p + q) / 2
+
+    def kl(a: Tensor) -> Tensor:
+        keep = a > 0
+        return (a[keep] * torch.log2(a[keep] / m[keep])).sum()
+
+    return float((kl(p) + kl(q)) / 2)
+
+
+def agreement(reference, estimate) -> dict[str, float]:
+    """How well ``estimate`` reproduces ``reference`` entry by entry (both flattened):
+
+    ``pearson_r``; ``r2`` = r^2, the R^2 of the least-squares line through the scatter (what a
+    scatter plot's R^2 reports); ``r2_identity`` = 1 - SS_res / SS_tot against the identity line
+    (penalises any bias or scale error); ``mae`` and ``rmse`` of the differences."""
+    x = torch.as_tensor(reference, dtype=torch.float64).flatten()
+    y = torch.as_tensor(estimate, dtype=torch.float64).flatten()
+    if x.shape != y.shape or len(x) < 2:
+        raise ValueError("agreement needs two arrays of the same size with at least two entries")
+    xc, yc = x - x.mean(), y - y.mean()
+    denom = (xc.norm() * yc.norm()).item()
+    r = float((xc * yc).sum() / denom) if denom > 0 else float("nan")
+    ss_tot = float((xc**2).sum())
+    err = y - x
+    return {"pearson_r": r, "r2": r * r, "r2_identity": 1 - float((err**2).sum()) / ss_tot if ss_tot > 0 else float("nan"),
+            "mae": float(err.abs().mean()), "rmse": float(err.pow(2).mean().sqrt())}
+
 
 
 def app_poi_correlation(events: pd.DataFrame, base_poi: pd.DataFrame, n_categories: int) -> np.ndarray:

@@ -96,7 +96,7 @@ class SynthesisArguments(ProfileDataArguments):
     synthesis_seed: int = 0
     max_new_tokens: int = 0                    # 0 = the grammar's bound (a full day of lines)
     tstr_test_splits: list[str] = field(default_factory=lambda: ["val", "test"])
-    cpu_threads: int = 0                       # torch threads (0 = leave as is)
+    threads: int = 0                       # torch threads (0 = leave as is)
     resume: bool = True
 
     def __post_init__(self):

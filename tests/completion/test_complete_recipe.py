@@ -8,21 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from trl import TrlParser
 
 from completion.train import CHECKPOINT
 from recipes import complete
 
 CONFIGS = sorted((Path(complete.__file__).parent / "configs").glob("complete_*.yaml"))
-TINY = ["--preset", "tiny", "--patch_size", "4", "2", "2", "--umask_d", "8", "--umask_bank_size", "16",
+TINY = ["--preset", "tiny", "--patch_size", "4", "2", "2", "--d", "8", "--bank_size", "16",
         "--diffusion_steps", "20", "--batch_size", "4", "--n_samples", "2", "--sampler_steps", "3",
         "--log_every", "1", "--checkpoint_every", "2", "--max_entities", "6"]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_config_parses(config):
-    (args,) = TrlParser((complete.CompleteArguments,)).parse_args_and_config(["--config", str(config)])
-    assert args.task_config.short_horizon == 4
+    cfg = complete.parse(["--config", str(config)])
+    assert cfg.task.short_horizon == 4
 
 
 def test_unknown_keys_and_commands_are_errors(tmp_path):
@@ -37,7 +36,7 @@ def test_unknown_keys_and_commands_are_errors(tmp_path):
 
 
 def run(command, run_dir, *extra, config="complete_nj.yaml", data_path=None):
-    argv = [command, "--config", str(Path(complete.__file__).parent / "configs" / config), "--run_dir", str(run_dir),
+    argv = [command, "--config", str(Path(complete.__file__).parent / "configs" / config), "--output_dir", str(run_dir),
             *TINY, *extra]
     if data_path is not None:
         argv += ["--data_path", str(data_path)]
@@ -116,16 +115,16 @@ def test_compare_runs_on_a_city_file_and_names_the_winner(nj_path, tmp_path):
     from recipes import compare
 
     run("train", tmp_path / "run", "--steps", "2", "--calibrate", "false", data_path=nj_path)
-    (args,) = TrlParser((compare.CompareArguments,)).parse_args_and_config(
+    cfg, comparison = compare.parse(
         ["--config", str(Path(complete.__file__).parent / "configs" / "complete_nj.yaml"), *TINY,
-         "--data_path", str(nj_path), "--run_dir", str(tmp_path / "run"), "--out_dir", str(tmp_path / "cmp"),
+         "--data_path", str(nj_path), "--engine_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "cmp"),
          "--compare_entities", "6", "--patchtst_steps", "2", "--eval_tasks", "short", "long", "cold"])
-    report = compare.main(args)
+    report = compare.main(cfg, comparison)
     assert report["cold_split"] == "test"  # a city file has no cold users: the scored split
     assert set(report["tasks"]) == {"short", "long", "cold"}
     assert "ARIMA(1,0,0) + daily Fourier" in report["tasks"]["short"]  # ARIMA is scored on the short task
     assert "ARIMA(1,0,0) + daily Fourier (cold)" in report["skipped"]  # and says why it is not on cold start
     assert report["headline"].startswith("short: best is ")
     assert (tmp_path / "cmp" / "comparison.md").read_text().splitlines()[2] == report["headline"]
-    args.eval_tasks = ["short"]
-    assert set(compare.main(args)["tasks"]) == {"short"}  # eval_tasks decides, cold is not forced
+    cfg.args.eval_tasks = ["short"]
+    assert set(compare.main(cfg, comparison)["tasks"]) == {"short"}  # eval_tasks decides, cold is not forced

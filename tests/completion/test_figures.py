@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from completion.figures import mask_figure, pattern_figure, pca_2d
-from completion.masks import UMask
+from completion.masks import UMask, UMaskConfig
 from completion.tasks import TaskConfig, make_regions
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -12,7 +12,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_mask_and_pattern_figures_are_png_files(batch, tmp_path):
     torch.manual_seed(0)
-    umask = UMask(2, 16, 4, d=8).eval()
+    umask = UMask(2, 16, 4, UMaskConfig(d=8)).eval()
     outputs = {}
     for i, name in enumerate(("short", "long")):
         task = torch.full((len(batch),), i)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from completion.masks import UMask, soft_top_k
+from completion.masks import UMask, UMaskConfig, soft_top_k
 from completion.tasks import TaskConfig, make_regions, task_index
 
 CONFIG = TaskConfig(short_horizon=2, long_horizon=8, cold_revealed=5)
@@ -15,7 +15,7 @@ MIXED = torch.tensor([0, 0, 1, 1, 2, 2])  # short, short, long, long, cold, cold
 
 def umask_for(batch, **kwargs):
     torch.manual_seed(0)
-    return UMask(batch.x.shape[1], batch.x.shape[2], batch.cells.shape[-1], d=16, **kwargs)
+    return UMask(batch.x.shape[1], batch.x.shape[2], batch.cells.shape[-1], UMaskConfig(d=16, **kwargs))
 
 
 def run(umask, batch, task=MIXED, config=CONFIG, seed=0):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from completion.metrics import (completion_report, coverage, crps, prediction_interval,
-                                ranking_metrics, rmse_mae)
+                                rmse_mae)
+from scope.metrics import ranking_metrics
 
 
 def as5d(values):
@@ -72,7 +73,7 @@ def test_ranking_recall_ndcg_mrr_at_k():
 
 
 def test_js_divergence_bounds_and_a_hand_value():
-    from completion.metrics import js_divergence
+    from scope.synthesis.fidelity import js_divergence
 
     assert js_divergence([1, 2, 3], [2, 4, 6]) == pytest.approx(0.0)   # normalised first
     assert js_divergence([1, 0], [0, 1]) == pytest.approx(1.0)         # disjoint: 1 bit
@@ -84,7 +85,7 @@ def test_js_divergence_bounds_and_a_hand_value():
 
 
 def test_agreement_r_r2_and_errors():
-    from completion.metrics import agreement
+    from scope.synthesis.fidelity import agreement
 
     perfect = agreement([0.1, 0.2, 0.3], [0.1, 0.2, 0.3])
     assert perfect["pearson_r"] == pytest.approx(1) and perfect["r2_identity"] == pytest.approx(1) and perfect["mae"] == 0

@@ -65,7 +65,7 @@ def test_ema_weights_are_saved_and_reloaded_for_evaluation(make_batch, tmp_path)
 
 
 def test_a_crash_mid_write_leaves_the_previous_checkpoint_loadable(make_batch, tmp_path, monkeypatch):
-    import completion.train as train_module
+    import scope.io as train_module
 
     data, model_config = setup(make_batch)
     train(model_config, data, TASKS, TrainConfig(steps=2, batch_size=4), out_dir=tmp_path, progress=False)
@@ -105,3 +105,14 @@ def test_history_dropout_and_the_regression_objective_train(make_batch):
         TrainConfig(objective="gan")
     with pytest.raises(ValueError, match="history_dropout"):
         TrainConfig(history_dropout=(1.0,))
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_saves_a_checkpoint_that_loads_on_the_cpu(make_batch, tmp_path):
+    data, model_config = setup(make_batch)
+    _, ema, logs = train(model_config, data, TASKS, TrainConfig(steps=2, batch_size=4, device="cuda"),
+                         out_dir=tmp_path, progress=False)
+    assert len(logs) == 2 and all(math.isfinite(r["loss"]) for r in logs)
+    restored = load_model(tmp_path / CHECKPOINT)
+    for p, q in zip(ema.parameters(), restored.parameters()):
+        assert torch.equal(p.detach().cpu(), q)

@@ -40,7 +40,7 @@ def test_one_real_dpo_step_on_the_sft_adapter(small_cohort, tiny_model_dir, tmp_
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(sft)
     script = dpo_recipe.DPOScriptArguments(**vars(data_args(small_cohort, tmp_path / "cache")), sft_adapter=str(sft),
-                                           eval_pairs=2, eval_users=1, eval_max_new_tokens=8, cpu_threads=1)
+                                           eval_pairs=2, eval_users=1, eval_max_new_tokens=8, threads=1)
     training = DPOConfig(output_dir=str(tmp_path / "dpo"), use_cpu=True, bf16=False, gradient_checkpointing=False,
                          max_steps=1, per_device_train_batch_size=1, per_device_eval_batch_size=1, beta=0.2,
                          max_length=1024, logging_steps=1, save_steps=1, report_to="none", seed=0)

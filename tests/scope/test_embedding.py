@@ -39,7 +39,7 @@ def test_same_seed_same_embeddings_and_different_profiles_differ(sbert, corpus):
 
 
 def test_recipe_writes_per_user_embeddings(small_cohort, tmp_path):
-    args = embed_recipe.EmbedArguments(**vars(data_args(small_cohort, tmp_path / "cache")), out_dir=str(tmp_path / "emb"), dim=8)
+    args = embed_recipe.EmbedArguments(**vars(data_args(small_cohort, tmp_path / "cache")), output_dir=str(tmp_path / "emb"), dim=8)
     summary = embed_recipe.main(args)
     user_ids, h = load_user_embeddings(tmp_path / "emb")
     assert summary["users"] == len(user_ids) == 40 and h.shape == (40, 8) and np.isfinite(h).all()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import precision_recall_fscore_support
 
-from completion.metrics import intent_metrics, precision_recall, recall_per_class
+from scope.pituning.evaluate import intent_metrics, precision_recall, recall_per_class
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from scope.data.events import DataError
-from scope.pituning.data import (EVENTS, EVENTS_FILE, INTENT_APPS, INTENT_PRIOR, INTENT_SYSTEM, INTENT_TRACE_FILE, INTENTS,
-                           INTENTS_FILE, N_SPECIAL, QUERY, IntentCohortConfig, SampleConfig, build_samples,
-                           is_individual, load_intent_cohort, prediction_points, read_vocabulary,
-                           simulate_intent_cohort)
+from scope.pituning.data import (EVENTS_FILE, INTENT_TRACE_FILE, INTENTS_FILE, N_SPECIAL, QUERY, SampleConfig,
+                                 build_samples, is_individual, load_intent_cohort, prediction_points, read_vocabulary)
+from scope.pituning.simulate import (EVENTS, INTENT_APPS, INTENT_PRIOR, INTENT_SYSTEM, INTENTS, IntentCohortConfig,
+                                     simulate_intent_cohort)
 
 torch.set_num_threads(1)
 

@@ -11,13 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from scope.pituning.baselines import features, fit_predict
-from scope.pituning.data import MASK, N_SPECIAL, QUERY, IntentCohortConfig, SampleConfig, build_samples, load_intent_cohort, \
-    simulate_intent_cohort
-from scope.pituning.model import (BackboneConfig, IndividualConfig, IntentPredictor, PredictorConfig, StageConfig,
-                            build_backbone, cpu_latency_ms, distill_loss, distillation_loss, export_student, fit,
-                            focal_loss, forgotten_intents, label_share, load_student, mask_events, output_share,
-                            population_loss, predict, student_config, truncate_blocks, tune_individual,
-                            tune_individuals, unlearning_loss, unlearn)
+from scope.pituning.data import MASK, N_SPECIAL, QUERY, SampleConfig, build_samples, load_intent_cohort
+from scope.pituning.export import cpu_latency_ms, export_student, load_student
+from scope.pituning.individual import (IndividualConfig, forgotten_intents, label_share, output_share, tune_individual,
+                                       tune_individuals, unlearn, unlearning_loss)
+from scope.pituning.losses import distill_loss, distillation_loss, focal_loss, mask_events, population_loss
+from scope.pituning.model import (BackboneConfig, IntentPredictor, PredictorConfig, build_backbone, student_config,
+                                  truncate_blocks)
+from scope.pituning.simulate import IntentCohortConfig, simulate_intent_cohort
+from scope.pituning.train import StageConfig, fit, predict
 
 torch.set_num_threads(1)
 TINY_LLAMA = BackboneConfig(name="random:llama", blocks=None, hidden=32, layers=3, heads=2, intermediate=64)

@@ -50,7 +50,7 @@ def test_loss_is_on_the_assistant_turn_and_its_end_token(corpus, tokenizer, tiny
 
 def test_one_real_step_then_resume(small_cohort, tiny_model_dir, tmp_path):
     script = sft_recipe.SFTScriptArguments(**vars(data_args(small_cohort, tmp_path / "cache")), eval_users=1,
-                                           eval_max_new_tokens=8, cpu_threads=1)
+                                           eval_max_new_tokens=8, threads=1)
     metrics = sft_recipe.main(script, sft_config(tmp_path / "run"), model_config(tiny_model_dir))
     out = tmp_path / "run"
     assert metrics["resumed_from"] == "none" and metrics["train_loss"] > 0
