@@ -52,10 +52,19 @@ def main() -> dict:
 
     from recipes import synthesize
     from scope.profiles.corpus import build_corpus
-    from scope.synthesis.fidelity import compare
     from scope.profiles.llms import load_student, load_tokenizer
-    from scope.synthesis.generation import (RecordPools, conditioning_prompt, load_grammar, parse_generated, plan_requests,
-                                 read_profiles, read_shards, sample_windows, written_back_events)
+    from scope.synthesis.fidelity import compare
+    from scope.synthesis.generation import (
+        RecordPools,
+        conditioning_prompt,
+        load_grammar,
+        parse_generated,
+        plan_requests,
+        read_profiles,
+        read_shards,
+        sample_windows,
+        written_back_events,
+    )
     from scope.synthesis.traces import GrammarTokens, TraceWindow
 
     work = Path(args.work_dir)

@@ -12,6 +12,9 @@ The model follows facebookresearch/DiT with three changes for completion:
 - the condition is c = t_emb + e_u + e_tau: e_u an MLP of the entity vector (any [N, d_e] side
   information, e.g. the U-SCOPE embedding h_u or a POI profile), e_tau a learned task embedding.
 The output is the X_0 estimate (of the residual, with a prior; no learned variance).
+
+The calendar is a weekday embedding plus time-of-day Fourier features, so one checkpoint reads
+15-, 30- or 60-minute steps. Presets: tiny / S / B / L (:data:`DIT_PRESETS`).
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from completion.batch import Batch
 from completion.masks import MaskOutput
 from completion.metrics import completion_report, point_errors, rmse_mae
 from completion.model import CompletionModel
-from completion.recommend import recommendation_report
 from completion.priors import carry_prior, profile_at, shrunk_mean, slot_profile
+from completion.recommend import recommendation_report
 from completion.tasks import Regions, TaskConfig, drop_history, make_regions, task_index
 
 

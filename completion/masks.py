@@ -34,7 +34,7 @@ Decisions where the paper leaves room (kept here, next to the code they shape):
   (`completion.priors`) that costs the most recent values. Through the DiT's evidence channels
   alone the relaxation's gradients are ~1e-5, too small for L_rec to undo a bad start in a CPU
   budget; `completion.model` also passes L_rec through the prior (`prior_gradient`), which
-  multiplies them by ~200 (measured: README, "Completion, diagnosed").
+  multiplies them by ~200 (measured: benchmarks/README.md, "Completion, diagnosed").
 - Cold-start mixing (Eq. 18) spreads eps uniformly over the available region (eps / N; this is
   eps / THW when every coordinate is available).
 """

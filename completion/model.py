@@ -16,7 +16,7 @@ The prior is computed from the hard evidence mask, so its value is exact; in tra
 straight-through gradient also reaches it through a kernel smoother of the soft mask
 (`completion.priors.smoother_gradient`, `prior_gradient=True`). Without that path the mask's
 parameters only see L_rec through the DiT's evidence channels, a gradient of ~1e-5 that leaves the
-budget and the placement where they started (measured: README).
+budget and the placement where they started (measured: benchmarks/README.md).
 
 `loss` is the reconstruction term of Algorithm 1 (Eq. 19) on the standardised residual;
 `complete` draws several completions per entity with evidence clamping (Eq. 35) and a point

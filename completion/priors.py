@@ -26,6 +26,12 @@ over every empty cell and slot. 0 (the default) is the plain rule above.
 
 With a slot-of-day `profile` [C, slots_per_day] (fitted on training entities), the rule runs on
 the de-seasonalised series `x - profile(slot)` and the profile is added back.
+
+Measured choices (``completion.evaluate.choose_prior``, on val, from the prior alone): city
+traffic picks damping 0.97 per slot and no shrinkage; bursty per-user counts pick ~0.5 and shrink
+every evidence mean toward the training mean by 4 pseudo-entries, which matters for cold-start
+users (four revealed entries would otherwise be spread over every empty cell and slot). Shrinkage
+is only taken when it buys at least 2% of val RMSE.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Behaviour tensors ``X_u in R^{C x T x H x W}`` from event streams (DESIGN.md sections 1 and 3).
+"""Behaviour tensors ``X_u in R^{C x T x H x W}`` from event streams (U-MASK section 3).
 
 Channels: one usage-count channel per app category, then ``presence`` (1 where the user was seen
 at that cell in that slot) and ``traffic_bytes`` (summed bytes). Values are stored raw; the

@@ -11,6 +11,9 @@ device. Before the first step the prior's statistics (slot-of-day profile, resid
 fitted on the training entities (`CompletionModel.fit_statistics`). Checkpoints (model, EMA,
 optimiser, RNG state, step, and the configs) are single safetensors files written atomically;
 `train` resumes from the checkpoint in `out_dir` when there is one.
+
+``objective: regression`` (one forward pass, plain MSE) is the deterministic control of the
+diffusion objective.
 """
 
 from __future__ import annotations

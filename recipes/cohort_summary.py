@@ -11,9 +11,9 @@ import pandas as pd
 from trl import TrlParser
 
 from completion.tensors import BehaviourTensors
-from scope.run.cohort_report import summarize
 from scope.data.simulate import read_ground_truth
 from scope.data.tsinghua import load_cohort
+from scope.run.cohort_report import summarize
 
 
 @dataclass

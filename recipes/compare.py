@@ -32,8 +32,8 @@ from completion.baselines import ARIMA, DiTForecaster, HistoricalAverage, PatchT
 from completion.evaluate import evaluate
 from completion.masks import UMaskConfig
 from completion.model import ModelConfig
-from completion.tasks import TaskConfig
 from completion.recommend import app_channels
+from completion.tasks import TaskConfig
 from completion.train import CHECKPOINT, TrainConfig, checkpoint_configs, load_model
 from recipes.complete import CompleteArguments, Configs, _evidence, load_split
 from scope.cli import parse_config

@@ -34,13 +34,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from completion.city import load_city
 from completion.batch import Batch
-from completion.evaluate import (EVIDENCE, calibrate, choose_prior, complete_chunked, task_regions,
-                                 umask_outputs)
+from completion.city import load_city
+from completion.evaluate import EVIDENCE, calibrate, choose_prior, complete_chunked, task_regions, umask_outputs
 from completion.figures import mask_figure, pattern_figure
-from completion.metrics import completion_report, prediction_interval
 from completion.masks import UMaskConfig
+from completion.metrics import completion_report, prediction_interval
 from completion.model import ModelConfig
 from completion.recommend import app_channels, engagement, recommendation_report
 from completion.tasks import TASKS, TaskConfig

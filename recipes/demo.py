@@ -20,8 +20,8 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from scope.run.stages import STAGES, stage_folder, stage_output
 from scope.run.pipeline import PipelineError, Stage, run_pipeline
+from scope.run.stages import STAGES, stage_folder, stage_output
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""DPO alignment of the SFT student (U-SCOPE, Eq. 27; DESIGN.md section 4.4).
+"""DPO alignment of the SFT student (U-SCOPE, Eq. 27).
 
     accelerate launch recipes/dpo.py                      # CPU default: recipes/configs/dpo_cpu.yaml
 
@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config
-from scope.cli import parse_config, use_threads
 
+from scope.cli import parse_config, use_threads
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.dpo import preference_dataset
 from scope.profiles.evaluation import generate_answers, held_out_metrics

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scope.cli import parse_config
 
+from scope.cli import parse_config
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.embedding import EmbeddingHead, HeadConfig, ProfileEncoder, write_user_embeddings
 from scope.profiles.llms import EMBEDDER, load_embedder

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scope.cli import parse_config, use_threads
-
+from scope.io import write_json, write_text
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.evaluation import evaluate_student, evaluation_table
-from scope.io import write_json, write_text
 from scope.profiles.llms import load_student, load_tokenizer
 from scope.profiles.sft import set_stop_token
 

@@ -31,7 +31,8 @@ from scope.pituning.export import cpu_latency_ms
 from scope.pituning.individual import IndividualConfig, tune_individuals
 from scope.pituning.model import PredictorConfig
 from scope.pituning.simulate import IntentCohortConfig
-from scope.pituning.stages import DistillationConfig, PopulationConfig, distilled_student, population_model, prepare_data
+from scope.pituning.stages import (DistillationConfig, PopulationConfig, distilled_student, population_model,
+                                   prepare_data)
 from scope.pituning.train import predict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""SFT / CoT distillation of a LoRA student (U-SCOPE, DESIGN.md section 4.3).
+"""SFT / CoT distillation of a LoRA student (U-SCOPE section 5.1).
 
     accelerate launch recipes/sft.py                      # CPU default: recipes/configs/sft_cpu.yaml
     accelerate launch --config_file recipes/accelerate_configs/ddp.yaml recipes/sft.py \
@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config, get_quantization_config
-from scope.cli import parse_config, use_threads
 
+from scope.cli import parse_config, use_threads
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.evaluation import held_out_metrics
 from scope.profiles.llms import load_causal_lm, load_tokenizer

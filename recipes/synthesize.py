@@ -24,18 +24,19 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
-from scope.cli import parse_config
 
-from scope.profiles.corpus import build_corpus
-from scope.synthesis.fidelity import fidelity_report
+from scope.cli import parse_config
+from scope.data.tsinghua import load_cohort
 from scope.io import write_json
+from scope.profiles.corpus import build_corpus
 from scope.profiles.llms import load_causal_lm, load_student, load_tokenizer
 from scope.profiles.sft import train_and_save, write_model_card
-from scope.synthesis.generation import (GRAMMAR_FILE, TRAIN_TRACES_FILE, RecordPools, SynthesisArguments, check_output_dir,
-                             generate_shards, grammar_of, load_grammar, plan_requests, read_profiles, save_grammar,
-                             serialise_cohort, trace_examples, write_cohort, written_back_events)
+from scope.synthesis.fidelity import fidelity_report
+from scope.synthesis.generation import (GRAMMAR_FILE, TRAIN_TRACES_FILE, RecordPools, SynthesisArguments,
+                                        check_output_dir, generate_shards, grammar_of, load_grammar, plan_requests,
+                                        read_profiles, save_grammar, serialise_cohort, trace_examples, write_cohort,
+                                        written_back_events)
 from scope.synthesis.traces import GrammarTokens, windows_from_events
-from scope.data.tsinghua import load_cohort
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "synthesize_cpu.yaml"
 STAGES = ("train", "generate", "report")

@@ -9,10 +9,10 @@ from dataclasses import asdict, dataclass
 from trl import TrlParser
 
 from completion.tensors import TensorConfig, tensorize_cohort
-from scope.io import write_json
 from scope.data.locations import cluster_locations
 from scope.data.splits import UserSplitter
 from scope.data.tsinghua import TRACE_FILE, TraceValidator, read_metadata, stream_trace
+from scope.io import write_json
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The behaviour event schema (DESIGN.md section 3) and the errors raised for bad input.
+"""The behaviour event schema and the errors raised for bad input.
 
 One row per app-usage record:
 ``user_id, timestamp, app_id, app_category, location_id, traffic_bytes`` (+ optional ``lat, lon``).

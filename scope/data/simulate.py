@@ -25,8 +25,8 @@ import pyarrow.csv as pa_csv
 from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
-from scope.io import atomic_path, write_json
 from scope.data.tsinghua import APP2CATEGORY_FILE, BASE_COORDS_FILE, BASE_POI_FILE, CATEGORIES_FILE, TRACE_FILE
+from scope.io import atomic_path, write_json
 
 POI_CATEGORIES = (
     "Medical care", "Hotel", "Business affairs", "Life service", "Transportation hub", "Culture",

@@ -1,17 +1,20 @@
-"""Per-user behaviour statistics behind the structured prompt (U-SCOPE, DESIGN.md section 4.1).
+"""Per-user behaviour statistics behind the structured prompt (U-SCOPE section 5.1).
 
 From a user's history ``H_u = {(a_t, l_t, tau_t)}`` (app category, location, time):
 
-- Eq. 21, ``pi_time``: the hour-of-day activity distribution (24 shares), day-part shares and the
+- ``pi_time``: the hour-of-day activity distribution (24 shares), day-part shares and the
   records per active weekday vs weekend day;
-- Eq. 22, ``C_u in R^{|L| x |A|}``: the joint distribution of location cluster (POI-cluster
+- ``C_u in R^{|L| x |A|}``: the joint distribution of location cluster (POI-cluster
   label of the base station, :mod:`scope.data.locations`) and app category;
-- Eq. 23, ``sigma_u``: sessions per active day (a session ends after ``session_gap_min`` minutes
+- ``sigma_u``: sessions per active day (a session ends after ``session_gap_min`` minutes
   without a record), the median gap between sessions, and the regularity ``1 - H(pi_hour) /
   log 24`` (1 = all activity in one hour, 0 = uniform over the day).
 
 Places are ranked per user (``place 1`` = most records); a place is described by its cluster name
 and when it is visited, never by its base-station id, so prompts carry no raw identifier.
+
+The paper defines these three in the prose of section 5.1 (between Eq. 22 and Eq. 23); they
+summarise the history ``H_u`` of Eq. 21.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class Place:
 
 @dataclass
 class UserStatistics:
-    """``pi_time`` (Eq. 21), ``C_u`` (Eq. 22) and ``sigma_u`` (Eq. 23) of one user, plus summaries."""
+    """``pi_time``, ``C_u`` and ``sigma_u`` of one user (what the prompt ``x_u`` of Eq. 23 summarises), plus summaries."""
 
     user_id: int
     n_events: int

@@ -1,4 +1,4 @@
-"""Readers for the Tsinghua App Usage dataset format (DESIGN.md section 3).
+"""Readers for the Tsinghua App Usage dataset format (the public Tsinghua App Usage release).
 
 A cohort directory holds four files (the real dataset's names):
 

@@ -1,4 +1,4 @@
-"""Intent-labelled event sequences for PITuning (DESIGN.md section 7): simulate, write, read, featurize.
+"""Intent-labelled event sequences for PITuning (PITuning paper, section 3.1): the file format, the validating reader, and the samples.
 
 An *event* is an app launch (``launch:<app>``) or a system event (``sys:<what>``); an *intent* is
 what the user is doing (18 intents, fewer than events). One record ``x = (u, l, t, e)`` is a user,
@@ -36,10 +36,10 @@ import torch
 from tqdm.auto import tqdm
 
 from scope.data.events import DataError
-from scope.io import atomic_path
 from scope.data.locations import cluster_locations
 from scope.data.splits import uniform_hash
 from scope.data.tsinghua import BASE_POI_FILE, decode_timestamps, read_base_poi
+from scope.io import atomic_path
 
 INTENT_TRACE_FILE = "intent_trace.txt"
 INTENTS_FILE = "intents.txt"

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from scope.io import atomic_path
 from scope.pituning.data import IntentSamples
-from scope.pituning.train import _device
 from scope.pituning.model import BackboneConfig, IntentPredictor, PredictorConfig
+from scope.pituning.train import _device
 
 
 def export_student(model: IntentPredictor, path: str | Path, meta: dict | None = None) -> int:

@@ -1,4 +1,4 @@
-"""PITuning's individual level (paper section 4.3): forgotten intents (Eq. 8-10), bounded unlearning
+"""PITuning's individual level (PITuning paper, section 3.3): forgotten intents (Eq. 8-10), bounded unlearning
 against the frozen population model (Eq. 11), then per-user fine-tuning of a copy of the student."""
 
 from __future__ import annotations

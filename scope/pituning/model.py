@@ -1,6 +1,6 @@
 """PITuning: population-to-individual tuning of a pretrained causal LM for intent prediction.
 
-Reads top to bottom like the paper (DESIGN.md section 7):
+Reads top to bottom like the paper (PITuning paper, section 3):
 
 1. **Inputs** (Eq. 1-2): location, weekday, time-slot and event embeddings of each of the 30
    history events and of the query position, concatenated and projected to the LM's width.
@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
 
 SMOLLM2 = "smollm2-135m-instruct"
 

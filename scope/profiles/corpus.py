@@ -16,14 +16,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scope.io import write_text
 from scope.data.locations import LocationClusters, cluster_locations
-from scope.profiles.prompts import PromptBuilder, UserPrompt
 from scope.data.simulate import CohortConfig, simulate_cohort
 from scope.data.splits import SPLITS, UserSplitter
 from scope.data.statistics import UserStatistics, cohort_statistics, population_statistics
-from scope.profiles.teachers import EndpointTeacher, GroundedTeacher, Teacher, TeacherCache, TeacherResult, run_teacher
 from scope.data.tsinghua import TRACE_FILE, Cohort, load_cohort
+from scope.io import write_text
+from scope.profiles.prompts import PromptBuilder, UserPrompt
+from scope.profiles.teachers import EndpointTeacher, GroundedTeacher, Teacher, TeacherCache, TeacherResult, run_teacher
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,9 @@ of three kinds of profile that is *not* grounded in ``H_u``:
 Each user yields one triplet per kind it has. ``recipes/dpo.py`` trains a new LoRA with TRL's
 ``DPOTrainer`` on top of the SFT student (the SFT adapter merged into the base weights), so the
 reference policy is simply the adapter-disabled model, i.e. the SFT student itself.
+
+Decision: the SFT adapter is merged into the base weights and a new LoRA is trained; with
+``ref_model=None`` TRL's reference is the adapter-disabled model, i.e. the SFT student.
 """
 
 from __future__ import annotations

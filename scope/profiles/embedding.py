@@ -121,8 +121,8 @@ def load_user_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_head(path: str | Path) -> EmbeddingHead:
-    from safetensors.torch import load_file
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as f:
         cfg = HeadConfig(**json.loads(f.metadata()["head"]))

@@ -1,4 +1,4 @@
-"""Student evaluation on held-out users (DESIGN.md section 4, issue "Student evaluation").
+"""Student evaluation on held-out users (U-SCOPE section 5).
 
 For each user the student answers the structured prompt (greedy, unconstrained: validity is what
 is measured). Metrics, averaged over users:
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from scope.profiles.schema import Profile, ProfileError, parse_profile
-from scope.profiles.prompts import UserPrompt
 from scope.data.statistics import UserStatistics
+from scope.profiles.prompts import UserPrompt
+from scope.profiles.schema import Profile, ProfileError, parse_profile
 
 METRICS = ("schema_valid", "field_agreement", "grounding_apps@3", "grounding_places@3", "grounding@3")
 

@@ -1,5 +1,4 @@
-"""Model resolution: a name becomes a loadable model (DESIGN.md section 4, "Models load from local
-paths or the Hub cache; nothing downloads at test time").
+"""Model resolution: a name becomes a loadable model from a local path or the Hub cache (never a download in tests).
 
 Registry
 --------

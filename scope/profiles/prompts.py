@@ -1,9 +1,9 @@
-"""Structured prompts ``x_u`` (DESIGN.md section 4.1): statistics rendered through the Jinja2
+"""Structured prompts ``x_u`` (U-SCOPE section 5.1, Eq. 23): statistics rendered through the Jinja2
 templates in ``prompts/`` (text files, not Python strings).
 
 A prompt is a chat: the system message (``prompts/profile_system.jinja``) states the task and the
 answer format; the user message (``prompts/profile_user.jinja``) holds the user's ``pi_time``,
-``C_u`` and ``sigma_u`` (Eq. 21-23). Places are "place 1..3" with their POI-cluster area; no user
+``C_u`` and ``sigma_u`` (section 5.1). Places are "place 1..3" with their POI-cluster area; no user
 id or base-station id is ever rendered (a test checks it). An empty history gets a valid prompt
 that says there is no data; a tiny one (< ``scope.data.statistics.TINY_HISTORY`` records) says the
 statistics are unreliable.

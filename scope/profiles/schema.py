@@ -1,4 +1,4 @@
-"""The structured user profile a teacher writes and the student learns (DESIGN.md section 4.2).
+"""The structured user profile a teacher writes and the student learns (U-SCOPE section 5.1, the ``y_u`` of Eq. 23).
 
 A profile is chain-of-thought first (``reasoning``), then the profile proper: persona, app
 preferences, location tendencies, temporal regularities, likely intents. The same pydantic model
@@ -6,6 +6,11 @@ validates every teacher's output, defines the JSON schema sent to remote endpoin
 :func:`generation_schema`) the schema that ``outlines`` enforces token by token during local
 generation: there the free categories and areas become enums of the cohort's own names, strings
 get a length cap and integers a digit cap, so a constrained generation always terminates.
+
+The model is strict (``extra="forbid"``): reasoning first (the CoT), then persona, app
+preferences (share %), location tendencies (place, area, role, share %), temporal regularities and
+likely intents. Local generation is constrained to a schema whose categories and areas are enums
+of the cohort's names, with capped strings and integers so that decoding terminates.
 """
 
 from __future__ import annotations

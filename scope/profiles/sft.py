@@ -1,4 +1,4 @@
-"""SFT / chain-of-thought distillation (DESIGN.md section 4.3): a LoRA student learns to answer the
+"""SFT / chain-of-thought distillation (U-SCOPE section 5.1): a LoRA student learns to answer the
 structured prompt with the teacher's reasoning + profile JSON.
 
 Data: one conversational *prompt-completion* example per user, built with HF ``datasets``:
@@ -9,6 +9,11 @@ loss, and it works with any chat template (SmolLM2's ChatML, Llama 3.1's headers
 ``{% generation %}`` markers. The assistant turn ends with the template's end-of-turn token
 (``<|im_end|>`` for SmolLM2, ``<|eot_id|>`` for Llama 3.1), which lies inside the completion and
 is therefore trained; the model's ``eos_token_id`` is set to it, so generation stops there.
+
+Decision: each example is a conversational prompt-completion pair, so TRL's
+``completion_only_loss`` trains only the assistant turn, its end-of-turn token included, whatever
+the chat template. SmolLM2's template has no ``{% generation %}`` markers, so
+``assistant_only_loss`` cannot be used; :func:`set_stop_token` makes generation stop on that token.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from pathlib import Path
 import yaml
 from datasets import Dataset
 
-from scope.profiles.corpus import ProfileCorpus
 from scope.io import write_text
+from scope.profiles.corpus import ProfileCorpus
 
 log = logging.getLogger(__name__)
 

@@ -317,9 +317,9 @@ def section_embeddings(run: Run, out_dir: Path) -> tuple[Section, dict]:
     figures: dict = {}
 
     def build(s: Section):
+        from scope.data.simulate import read_ground_truth
         from scope.profiles.embedding import load_user_embeddings
         from scope.run.figures import user_cluster_figure
-        from scope.data.simulate import read_ground_truth
 
         path = run.output("embed")
         if not path.exists():

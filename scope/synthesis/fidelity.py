@@ -40,8 +40,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from scope.io import save_figure, write_json  # noqa: E402
 from scope.data.locations import poi_proportions  # noqa: E402
+from scope.io import save_figure, write_json  # noqa: E402
 from scope.synthesis.traces import TraceGrammar, TraceWindow  # noqa: E402
 
 DIFF_MARK = 0.05

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from completion.baselines import (ARIMA, DiTForecaster, HistoricalAverage, PatchTST, fourier_terms,
-                                  make_baseline, train_patchtst)
+from completion.baselines import (ARIMA, DiTForecaster, HistoricalAverage, PatchTST, fourier_terms, make_baseline,
+                                  train_patchtst)
 from completion.batch import Batch
 from completion.model import ModelConfig, build_model
 from completion.tasks import TaskConfig, make_regions

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from completion.metrics import (completion_report, coverage, crps, prediction_interval,
-                                rmse_mae)
+from completion.metrics import completion_report, coverage, crps, prediction_interval, rmse_mae
 from scope.metrics import ranking_metrics
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from completion.normalization import Log1pStandardizer
-from completion.tensors import DATASET_FILE, BehaviourTensors, GridLayout, TensorConfig, tensorize_cohort, tensorize_users
+from completion.tensors import (DATASET_FILE, BehaviourTensors, GridLayout, TensorConfig, tensorize_cohort,
+                                tensorize_users)
 from scope.data.locations import cluster_locations
 from scope.data.splits import UserSplitter
 from scope.data.tsinghua import load_cohort

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scope.profiles.corpus import ProfileDataArguments, build_corpus, ensure_cohort
 from scope.data.events import DataError
+from scope.data.statistics import cohort_statistics
+from scope.data.tsinghua import TRACE_FILE, load_cohort
+from scope.profiles.corpus import ProfileDataArguments, build_corpus, ensure_cohort
 from scope.profiles.llms import ModelNotFoundError, load_causal_lm, resolve_model
 from scope.profiles.prompts import PromptBuilder
-from scope.data.statistics import cohort_statistics
 from scope.profiles.teachers import GroundedTeacher
-from scope.data.tsinghua import TRACE_FILE, load_cohort
 from tests.scope.conftest import data_args
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from recipes import embed as embed_recipe
-from scope.profiles.embedding import (EMBEDDINGS_FILE, PROFILES_FILE, EmbeddingHead, HeadConfig, ProfileEncoder, load_head,
-                             load_user_embeddings)
+from scope.profiles.embedding import (EMBEDDINGS_FILE, PROFILES_FILE, EmbeddingHead, HeadConfig, ProfileEncoder,
+                                      load_head, load_user_embeddings)
 from scope.profiles.llms import load_embedder
 from tests.scope.conftest import data_args
 

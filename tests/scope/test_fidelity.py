@@ -4,8 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scope.synthesis.fidelity import (app_poi_correlation, compare, fidelity_report, next_category_accuracy, next_category_xy)
 from scope.data.simulate import APP_CATEGORIES
+from scope.synthesis.fidelity import (app_poi_correlation, compare, fidelity_report, next_category_accuracy,
+                                      next_category_xy)
 from scope.synthesis.traces import TraceGrammar, windows_from_events
 
 GRAMMAR = TraceGrammar(APP_CATEGORIES, 3, 30)

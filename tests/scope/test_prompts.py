@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from scope.data.locations import cluster_locations
-from scope.profiles.prompts import PromptBuilder
 from scope.data.statistics import TINY_HISTORY, user_statistics
+from scope.profiles.prompts import PromptBuilder
 
 USER, STATIONS = 424242, (987651, 987652, 987653)
 

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 
 from scope.data.locations import cluster_locations
-from scope.data.simulate import (
-    GROUND_TRUTH_FILE, PERSONAS, POI_CATEGORIES, CohortConfig, read_ground_truth, simulate_cohort,
-)
+from scope.data.simulate import (GROUND_TRUTH_FILE, PERSONAS, POI_CATEGORIES, CohortConfig, read_ground_truth,
+                                 simulate_cohort)
 from scope.data.splits import UserSplitter
-from scope.data.tsinghua import APP2CATEGORY_FILE, BASE_POI_FILE, CATEGORIES_FILE, TRACE_FILE, load_cohort, read_base_poi
+from scope.data.tsinghua import (APP2CATEGORY_FILE, BASE_POI_FILE, CATEGORIES_FILE, TRACE_FILE, load_cohort,
+                                 read_base_poi)
 from tests.conftest import shared_data
 
 FILES = (TRACE_FILE, APP2CATEGORY_FILE, CATEGORIES_FILE, BASE_POI_FILE, "base_coords.txt", GROUND_TRUTH_FILE)

@@ -12,9 +12,10 @@ from transformers import HfArgumentParser
 from trl import ModelConfig, SFTConfig
 
 from recipes import synthesize
-from scope.synthesis.generation import (NoPermittedPairsError, SynthesisArguments, make_constraint, plan_requests, read_profiles)
-from scope.synthesis.traces import TraceGrammarError, history_pairs
 from scope.data.tsinghua import TRACE_FILE, load_cohort
+from scope.synthesis.generation import (NoPermittedPairsError, SynthesisArguments, make_constraint, plan_requests,
+                                        read_profiles)
+from scope.synthesis.traces import TraceGrammarError, history_pairs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 

@@ -8,7 +8,8 @@ import torch
 
 from scope.data.simulate import APP_CATEGORIES
 from scope.synthesis.traces import (GrammarTokens, TraceConstraint, TraceEvent, TraceGrammar, TraceGrammarError,
-                          TraceLogitsProcessor, TraceWindow, history_pairs, level_of, records_range, windows_from_events)
+                                    TraceLogitsProcessor, TraceWindow, history_pairs, level_of, records_range,
+                                    windows_from_events)
 
 GRAMMAR = TraceGrammar(APP_CATEGORIES, 6, 30)
 

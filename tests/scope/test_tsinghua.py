@@ -7,10 +7,8 @@ import pandas as pd
 import pytest
 
 from scope.data.events import DataError, validate_events
-from scope.data.tsinghua import (
-    APP2CATEGORY_FILE, BASE_POI_FILE, CATEGORIES_FILE, TRACE_FILE, decode_timestamps, load_cohort,
-    read_app_categories, read_base_poi, read_categories, read_trace,
-)
+from scope.data.tsinghua import (APP2CATEGORY_FILE, BASE_POI_FILE, CATEGORIES_FILE, TRACE_FILE, decode_timestamps,
+                                 load_cohort, read_app_categories, read_base_poi, read_categories, read_trace)
 from tests.conftest import shared_data
 
 GOOD = [
