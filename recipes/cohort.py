@@ -5,8 +5,7 @@
 
 from dataclasses import dataclass
 
-from trl import TrlParser
-
+from scope.cli import parse_config
 from scope.data.simulate import CohortConfig, simulate_cohort
 
 
@@ -22,5 +21,4 @@ def main(args: CohortArguments) -> dict:
 
 
 if __name__ == "__main__":
-    (arguments,) = TrlParser((CohortArguments,)).parse_args_and_config()
-    main(arguments)
+    main(*parse_config((CohortArguments,)))

@@ -1,16 +1,15 @@
 """Summary of a cohort and its behaviour tensors: users per persona and split, figures (scope/run/cohort_report.py).
 
     python recipes/cohort_summary.py --cohort_dir runs/demo/cohort --tensors_dir runs/demo/tensors \
-        --out_dir runs/demo/summary
+        --output_dir runs/demo/summary
 """
 
-import sys
 from dataclasses import dataclass
 
 import pandas as pd
-from trl import TrlParser
 
 from completion.tensors import BehaviourTensors
+from scope.cli import parse_config
 from scope.data.simulate import read_ground_truth
 from scope.data.tsinghua import load_cohort
 from scope.run.cohort_report import summarize
@@ -40,5 +39,4 @@ def main(args: SummaryArguments) -> dict:
 
 
 if __name__ == "__main__":
-    (arguments,) = TrlParser((SummaryArguments,)).parse_args_and_config(sys.argv[1:])
-    main(arguments)
+    main(*parse_config((SummaryArguments,)))

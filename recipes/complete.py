@@ -6,14 +6,15 @@ UoMo-format city file or on per-user tensors.
     python recipes/complete.py evaluate  --config recipes/configs/complete_nj.yaml [--split test]
     python recipes/complete.py predict   --config recipes/configs/complete_nj.yaml [--split test]
 
-train resumes from `run_dir/checkpoint.safetensors` when it exists, logs to TensorBoard
-(`run_dir/tb`) and, with `calibrate: true`, ends by calibrating the residual's weight and the
-samples' spread on the val split (what `calibrate` does alone). calibrate writes `run_dir/calibration_<data>.json`; evaluate writes
-`run_dir/eval_<data>_<split>.json` (+ Fig. 8/9
-PNGs under `run_dir/figures`); predict writes `run_dir/predictions_<data>_<split>.safetensors`
-(point estimate and 90% interval in original units, target and evidence masks, per task;
-app-category rankings on per-user tensors). `<data>` is the data file's or folder's name, so one
-checkpoint evaluated on several files never overwrites a result.
+train resumes from `output_dir/checkpoint.safetensors` when it exists, logs to TensorBoard
+(`output_dir/tb`) and, with `calibrate: true`, ends by calibrating the residual's weight and the
+samples' spread on the val split (what `calibrate` does alone). calibrate writes
+`output_dir/calibration_<data>.json`; evaluate writes `output_dir/eval_<data>_<split>.json` (+ Fig.
+8/9 PNGs under `output_dir/figures`); predict writes
+`output_dir/predictions_<data>_<split>.safetensors` (point estimate and 90% interval in original
+units, target and evidence masks, per task; app-category rankings on per-user tensors). `<data>` is
+the data file's or folder's name, so one checkpoint evaluated on several files never overwrites a
+result.
 
 A checkpoint applied to other data (another city, another step length) keeps its weights: the
 slots per day of the data (from its timestamps) retune the calendar and the prior, the data's

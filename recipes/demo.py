@@ -9,17 +9,16 @@
 
 cohort -> tensors -> summary -> sft -> dpo -> evaluate -> synthesis -> embed -> completion -> compare
 -> pituning -> lightgbm -> report. Each stage is a subprocess running its own recipe with its own
-YAML (recipes/configs/demo_*.yaml), writes under ``<run_dir>/<stage>/`` and records what it
+YAML (recipes/configs/demo_*.yaml), writes under ``<output_dir>/<stage>/`` and records what it
 consumed in ``stage.json``; an up-to-date stage is skipped, so an interrupted run resumes where
-it stopped (scope/run/pipeline.py). The report is ``<run_dir>/report/index.html``.
+it stopped (scope/run/pipeline.py). The report is ``<output_dir>/report/index.html``.
 """
 
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from trl import TrlParser
-
+from scope.cli import parse_config
 from scope.run.pipeline import PipelineError, Stage, run_pipeline
 from scope.run.stages import STAGES, stage_folder, stage_output
 
@@ -171,7 +170,7 @@ def main(args: DemoArguments) -> int:
 
 def parse(argv: list[str]) -> DemoArguments:
     argv = ["--from_stage" if a == "--from" else a for a in argv]
-    (args,) = TrlParser((DemoArguments,)).parse_args_and_config(argv)
+    (args,) = parse_config((DemoArguments,), argv)
     if "--config" in argv:
         args.config_path = argv[argv.index("--config") + 1]
     return args

@@ -4,7 +4,7 @@
 
 Each stage is the base model with a list of adapters (none; SFT; SFT then DPO); metrics are in
 scope/profiles/evaluation.py. Writes ``evaluation.md`` (the table), ``evaluation.json`` and each stage's
-raw answers under ``out_dir``.
+raw answers under ``output_dir``.
 """
 
 import json

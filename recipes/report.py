@@ -1,17 +1,15 @@
 """The run report: one self-contained HTML page with the configuration, every results table and figure.
 
-    python recipes/report.py --run_dir runs/demo [--out_dir runs/demo/report --demo_config recipes/configs/demo.yaml]
+    python recipes/report.py --run_dir runs/demo [--output_dir runs/demo/report --demo_config recipes/configs/demo.yaml]
 
 Reads what the stages of recipes/demo.py wrote under ``run_dir`` (see scope/run/report.py); a stage
-that failed or did not run shows as a labelled "not available" box. Open ``<out_dir>/index.html``
+that failed or did not run shows as a labelled "not available" box. Open ``<output_dir>/index.html``
 in any browser; figures are embedded, so the single file can be mailed.
 """
 
-import sys
 from dataclasses import dataclass
 
-from trl import TrlParser
-
+from scope.cli import parse_config
 from scope.run.report import build_report
 
 
@@ -30,5 +28,5 @@ def main(args: ReportArguments):
 
 
 if __name__ == "__main__":
-    (arguments,) = TrlParser((ReportArguments,)).parse_args_and_config(sys.argv[1:])
+    (arguments,) = parse_config((ReportArguments,))
     main(arguments)

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
-from trl import TrlParser
 
+from scope.cli import parse_config
 from scope.profiles.constrained import ChatGenerator
 from scope.profiles.llms import load_student, load_tokenizer
 from scope.profiles.sft import set_stop_token
@@ -147,5 +147,5 @@ def main(args: ServeArguments) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    (arguments,) = TrlParser((ServeArguments,)).parse_args_and_config()
+    (arguments,) = parse_config((ServeArguments,))
     main(arguments)

@@ -6,9 +6,8 @@ behaviour tensors (safetensors shards + dataset.json) in bounded memory.
 
 from dataclasses import asdict, dataclass
 
-from trl import TrlParser
-
 from completion.tensors import TensorConfig, tensorize_cohort
+from scope.cli import parse_config
 from scope.data.locations import cluster_locations
 from scope.data.splits import UserSplitter
 from scope.data.tsinghua import TRACE_FILE, TraceValidator, read_metadata, stream_trace
@@ -16,25 +15,21 @@ from scope.io import write_json
 
 
 @dataclass
-class TensorizeArguments(TensorConfig):
+class TensorizeArguments:
+    """The recipe's own settings; the tensor layout and the user split are the library's configs
+    (``completion.tensors.TensorConfig``, ``scope.data.splits.UserSplitter``), parsed beside it."""
+
     cohort_dir: str = "runs/default/cohort"
     output_dir: str = "runs/default/tensors"
     lenient: bool = False              # skip bad rows (counted and reported) instead of stopping
-    location_clusters: int = 6
-    train_fraction: float = 0.8
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    cold_start_max_events: int = 50
-    seed: int = 0
+    location_clusters: int = 6         # k-means clusters of the stations' POI profiles (seeded by the split seed)
 
 
-def main(args: TensorizeArguments) -> dict:
+def main(args: TensorizeArguments, cfg: TensorConfig | None = None, splitter: UserSplitter = UserSplitter()) -> dict:
+    cfg = cfg or TensorConfig()
     categories, app_category, base_poi, base_coords = read_metadata(args.cohort_dir)
-    clusters = cluster_locations(base_poi, k=args.location_clusters, seed=args.seed)
-    splitter = UserSplitter(args.train_fraction, args.val_fraction, args.test_fraction,
-                            args.cold_start_max_events, args.seed)
+    clusters = cluster_locations(base_poi, k=args.location_clusters, seed=splitter.seed)
     validator = TraceValidator(f"{args.cohort_dir}/{TRACE_FILE}", app_category, base_poi.index, strict=not args.lenient)
-    cfg = TensorConfig(**{k: getattr(args, k) for k in TensorConfig.__dataclass_fields__})
     dataset = tensorize_cohort(
         stream_trace(validator, validator.path, progress=True), args.output_dir, categories=categories,
         location_cluster=clusters.labels, assign_split=splitter, cfg=cfg, stations=base_coords,
@@ -51,5 +46,4 @@ def main(args: TensorizeArguments) -> dict:
 
 
 if __name__ == "__main__":
-    (arguments,) = TrlParser((TensorizeArguments,)).parse_args_and_config()
-    main(arguments)
+    main(*parse_config((TensorizeArguments, TensorConfig, UserSplitter)))

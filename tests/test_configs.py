@@ -22,7 +22,7 @@ ACCELERATE = [ROOT / "accelerate_config.yaml", *sorted((ROOT / "recipes" / "acce
 # pituning parse with their own ``parse``, into the library's configs.
 RECIPES = {
     "cohort": ("recipes.cohort", ["CohortArguments"]),
-    "tensorize": ("recipes.tensorize", ["TensorizeArguments"]),
+    "tensorize": ("recipes.tensorize", ["TensorizeArguments", "completion.tensors:TensorConfig", "scope.data.splits:UserSplitter"]),
     "sft": ("recipes.sft", ["SFTScriptArguments", "trl:SFTConfig", "trl:ModelConfig"]),
     "dpo": ("recipes.dpo", ["DPOScriptArguments", "trl:DPOConfig", "trl:ModelConfig"]),
     "evaluate": ("recipes.evaluate", ["EvaluateArguments"]),

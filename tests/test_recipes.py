@@ -7,13 +7,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from transformers import HfArgumentParser
 
+from completion.tensors import TensorConfig
 from recipes import cohort, demo, tensorize
+from scope.cli import parse_config
+from scope.data.splits import UserSplitter
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"cohort.yaml": cohort.CohortArguments, "tensorize.yaml": tensorize.TensorizeArguments,
-           "demo.yaml": demo.DemoArguments}
+CONFIGS = {"cohort.yaml": (cohort.CohortArguments,),
+           "tensorize.yaml": (tensorize.TensorizeArguments, TensorConfig, UserSplitter),
+           "demo.yaml": (demo.DemoArguments,)}
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -23,8 +26,7 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_every_data_config_parses_into_its_dataclass(name):
-    (args,) = HfArgumentParser((CONFIGS[name],)).parse_yaml_file(ROOT / "recipes" / "configs" / name,
-                                                                  allow_extra_keys=False)
+    args, *_ = parse_config(CONFIGS[name], ["--config", str(ROOT / "recipes" / "configs" / name)])
     assert args is not None
 
 
