@@ -157,7 +157,7 @@ def cmd_train(cfg: Configs) -> dict:
     model_config = replace(model_config, channels=C, T=T, cell_dim=data.batch.cells.shape[-1],
                            entity_dim=data.batch.entity.shape[-1], slots_per_day=data.slots_per_day)
     run = Path(args.output_dir)
-    write_json(run / "args.json", settings(cfg))
+    write_json(run / "args.json", settings(replace(cfg, model=model_config)))  # with the prior chosen on val
     with SummaryWriter(str(run / "tb")) as writer:
         def on_step(step: int, log: dict) -> None:
             if step % args.log_every == 0 or step == train_config.steps:
@@ -173,7 +173,7 @@ def cmd_train(cfg: Configs) -> dict:
 
 
 def settings(cfg: Configs) -> dict:
-    """Every setting of the command as one flat mapping (the keys of its YAML file)."""
+    """Every setting of the command as one flat mapping: the keys of its YAML file, and the shape read from the data."""
     return {**asdict(cfg.args), **{k: v for k, v in asdict(cfg.model).items() if k != "umask"},
             **asdict(cfg.model.umask), **asdict(cfg.task), **asdict(cfg.train)}
 
