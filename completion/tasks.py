@@ -37,6 +37,8 @@ class TaskConfig:
     cold_hidden_cells: float = 0.0
 
     def __post_init__(self):
+        if isinstance(self.cold_hidden_channels, str):
+            raise ValueError(f"cold_hidden_channels is a list of channel indices, got {self.cold_hidden_channels!r}")
         object.__setattr__(self, "cold_hidden_channels", tuple(self.cold_hidden_channels))  # a list from a parser or JSON
         if min(self.short_horizon, self.long_horizon) < 1 or self.cold_revealed < 0:
             raise ValueError("short_horizon and long_horizon must be >= 1 and cold_revealed >= 0, got "

@@ -263,13 +263,14 @@ def tensorize_cohort(blocks: Iterable[pd.DataFrame], out_dir: str | Path, *, cat
                      location_cluster: pd.Series, assign_split: Callable[[np.ndarray, np.ndarray], np.ndarray],
                      cfg: TensorConfig,
                      stations: pd.DataFrame | None = None, progress: bool = True, n_users: int | None = None,
-                     meta: dict | None = None) -> dict:
+                     meta: dict | Callable[[], dict] | None = None) -> dict:
     """Tensorize a user-grouped event stream into ``out_dir``: shards, then ``dataset.json``.
 
     ``stations`` (index location id, columns ``lat, lon``) enables the geographic grid layout
     (``cfg.spatial`` ``auto`` or ``grid``). ``assign_split(user_ids, n_events)`` names each
     user's split as its events complete (e.g. :class:`scope.data.splits.UserSplitter`); the normaliser
-    is fitted on ``train`` users only. ``meta`` is stored as is in ``dataset.json``. Returns
+    is fitted on ``train`` users only. ``meta`` (or what ``meta()`` returns once the stream is
+    consumed) is stored as is in ``dataset.json``. Returns
     the ``dataset.json`` content; it is written last, so its presence marks a complete dataset.
     """
     out_dir = Path(out_dir)
@@ -331,7 +332,7 @@ def tensorize_cohort(blocks: Iterable[pd.DataFrame], out_dir: str | Path, *, cat
         "splits": {name: sorted(splits.get(name, [])) for name in SPLIT_NAMES},
         "shards": shards,
         "totals": totals,
-        "meta": meta or {},
+        "meta": (meta() if callable(meta) else meta) or {},
     }
     write_json(out_dir / DATASET_FILE, dataset)
     return dataset

@@ -62,6 +62,11 @@ class TrainConfig:
     dropout_block_slots: int = 4  # block length of the blockwise history dropout (an hour of 15-minute slots)
 
     def __post_init__(self):
+        if isinstance(self.tasks, str) or isinstance(self.history_dropout, str):
+            raise ValueError(f"tasks and history_dropout are lists, got {self.tasks!r} and {self.history_dropout!r}")
+        small = {k: getattr(self, k) for k in ("steps", "batch_size", "checkpoint_every") if getattr(self, k) < 1}
+        if small or self.lr <= 0:
+            raise ValueError(f"steps, batch_size and checkpoint_every must be >= 1 and lr > 0, got {small or self.lr}")
         object.__setattr__(self, "tasks", tuple(self.tasks))  # lists from a parser or JSON
         object.__setattr__(self, "history_dropout", tuple(self.history_dropout))
         if self.objective not in OBJECTIVES:
@@ -140,6 +145,7 @@ def train(model_config: ModelConfig, data: Batch, task_config: TaskConfig, confi
     start = 0
     path = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     if path is not None and path.exists():
+        check_resume(path, model_config, config, task_config)
         start = load_checkpoint(path, model, ema, optimizer, generator)
     else:
         model.fit_statistics(data, task_config, config.tasks, generator)
@@ -154,6 +160,10 @@ def train(model_config: ModelConfig, data: Batch, task_config: TaskConfig, confi
                                    device=config.device)]
         batch = data[rows.to(data.x.device)].to(config.device)
         out = train_step(model, batch, task, task_config, config, generator)
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(f"step {step + 1}: the loss is {out['loss'].item()} (non-finite); stopped "
+                                     f"before the update, {path or 'no checkpoint'} keeps the last good state. "
+                                     "Check the inputs for extreme values, or lower lr")
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -192,6 +202,26 @@ def load_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module | None = 
     """Restore what is given from a checkpoint; returns the step it was saved at."""
     modules = {"model": model} | ({"ema": ema} if ema is not None else {})
     return io.load_checkpoint(path, modules, optimizer, generator)[0]
+
+
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device")  # may differ between a checkpoint and its resume
+
+
+def check_resume(path: str | Path, model_config: ModelConfig, train_config: TrainConfig,
+                 task_config: TaskConfig) -> None:
+    """Refuse to resume a checkpoint under other settings than it was trained with (only the
+    :data:`RESUMABLE_CHANGES` may differ), naming each difference."""
+    saved = checkpoint_configs(path)
+    differences = []
+    for name, old, new in zip(("model", "train", "task"), saved, (model_config, train_config, task_config)):
+        if old is None:
+            continue
+        old, new = asdict(old), asdict(new)
+        differences += [f"{key}: {old[key]!r} in the checkpoint, {new[key]!r} now" for key in old
+                        if key in new and old[key] != new[key] and key not in RESUMABLE_CHANGES]
+    if differences:
+        raise ValueError(f"{path}: cannot resume with other settings ({'; '.join(differences)}); use the "
+                         "checkpoint's settings, or another output folder to train afresh")
 
 
 def load_model(path: str | Path, use_ema: bool = True) -> CompletionModel:

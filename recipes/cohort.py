@@ -3,9 +3,10 @@
     python recipes/cohort.py --config recipes/configs/cohort.yaml [--n_users 1000 --seed 3 ...]
 """
 
+import sys
 from dataclasses import dataclass
 
-from scope.cli import parse_config
+from scope.cli import parse_config, run_recipe
 from scope.data.simulate import CohortConfig, simulate_cohort
 
 
@@ -21,4 +22,4 @@ def main(args: CohortArguments) -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_config((CohortArguments,)))
+    sys.exit(run_recipe(main, *parse_config((CohortArguments,))))

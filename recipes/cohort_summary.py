@@ -4,12 +4,13 @@
         --output_dir runs/demo/summary
 """
 
+import sys
 from dataclasses import dataclass
 
 import pandas as pd
 
 from completion.tensors import BehaviourTensors
-from scope.cli import parse_config
+from scope.cli import parse_config, run_recipe
 from scope.data.simulate import read_ground_truth
 from scope.data.tsinghua import load_cohort
 from scope.run.cohort_report import summarize
@@ -39,4 +40,4 @@ def main(args: SummaryArguments) -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_config((SummaryArguments,)))
+    sys.exit(run_recipe(main, *parse_config((SummaryArguments,))))

@@ -36,7 +36,7 @@ from completion.recommend import app_channels
 from completion.tasks import TaskConfig
 from completion.train import CHECKPOINT, TrainConfig, checkpoint_configs, load_model
 from recipes.complete import CompleteArguments, Configs, _evidence, load_split
-from scope.cli import parse_config
+from scope.cli import parse_config, run_recipe
 from scope.io import write_json, write_text
 
 ENGINE = "engine (U-MASK + DiT over the prior)"
@@ -179,4 +179,4 @@ def parse(argv: list[str]) -> tuple[Configs, CompareArguments]:
 
 
 if __name__ == "__main__":
-    main(*parse(sys.argv[1:]))
+    sys.exit(run_recipe(main, *parse(sys.argv[1:])))

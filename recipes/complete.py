@@ -45,10 +45,10 @@ from completion.model import ModelConfig
 from completion.recommend import app_channels, engagement, recommendation_report
 from completion.tasks import TASKS, TaskConfig
 from completion.tensors import BehaviourTensors
-from completion.train import CHECKPOINT, TrainConfig, checkpoint_configs, load_model, train
+from completion.train import CHECKPOINT, TrainConfig, check_resume, checkpoint_configs, load_model, train
 from completion.users import load_embeddings, user_batch
-from scope.cli import parse_config
-from scope.io import atomic_path, write_json
+from scope.cli import parse_config, run_recipe
+from scope.io import atomic_path, checkpoint_metadata, write_json
 
 COMMANDS = ("train", "calibrate", "evaluate", "predict")
 
@@ -78,6 +78,12 @@ class CompleteArguments:
     figures: bool = True
 
     def __post_init__(self):
+        if isinstance(self.eval_tasks, str):
+            raise ValueError(f"eval_tasks is a list of task names, got {self.eval_tasks!r}")
+        small = {k: getattr(self, k) for k in ("n_samples", "sampler_steps", "log_every") if getattr(self, k) < 1}
+        if small or self.max_entities < 0:
+            raise ValueError(f"n_samples, sampler_steps and log_every must be >= 1 and max_entities >= 0, got "
+                             f"{small or self.max_entities}")
         if self.data not in ("city", "tensors"):
             raise ValueError(f"unknown data {self.data!r}; expected 'city' or 'tensors'")
         unknown = set(self.eval_tasks) - set(TASKS)
@@ -157,8 +163,13 @@ def cmd_train(cfg: Configs) -> dict:
     model_config = replace(model_config, channels=C, T=T, cell_dim=data.batch.cells.shape[-1],
                            entity_dim=data.batch.entity.shape[-1], slots_per_day=data.slots_per_day)
     run = Path(args.output_dir)
+    checkpoint = run / CHECKPOINT
+    resumed_at = None
+    if checkpoint.exists():  # refuse other settings before anything is written
+        check_resume(checkpoint, model_config, train_config, cfg.task)
+        resumed_at = int(checkpoint_metadata(checkpoint)["step"]) + 1  # the first step not in the checkpoint
     write_json(run / "args.json", settings(replace(cfg, model=model_config)))  # with the prior chosen on val
-    with SummaryWriter(str(run / "tb")) as writer:
+    with SummaryWriter(str(run / "tb"), purge_step=resumed_at) as writer:  # drop steps logged after the checkpoint
         def on_step(step: int, log: dict) -> None:
             if step % args.log_every == 0 or step == train_config.steps:
                 for key, value in log.items():
@@ -304,4 +315,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recipe(main))

@@ -11,13 +11,14 @@ model card; resumes from its last checkpoint.
 """
 
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config
 
-from scope.cli import parse_config, use_threads
+from scope.cli import parse_config, run_recipe, use_threads
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.dpo import preference_dataset
 from scope.profiles.evaluation import generate_answers, held_out_metrics
@@ -103,4 +104,4 @@ def _kinds(dataset) -> tuple[list[str], list[int]]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main(*parse_config((DPOScriptArguments, DPOConfig, ModelConfig), default_config=DEFAULT_CONFIG))
+    sys.exit(run_recipe(main, *parse_config((DPOScriptArguments, DPOConfig, ModelConfig), default_config=DEFAULT_CONFIG)))

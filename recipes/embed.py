@@ -8,13 +8,14 @@ teacher's profile and are counted). Output format: see scope/profiles/embedding.
 """
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from scope.cli import parse_config
+from scope.cli import parse_config, run_recipe
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.embedding import EmbeddingHead, HeadConfig, ProfileEncoder, write_user_embeddings
 from scope.profiles.llms import EMBEDDER, load_embedder
@@ -85,4 +86,4 @@ def main(args: EmbedArguments) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main(*parse_config((EmbedArguments,), default_config=DEFAULT_CONFIG))
+    sys.exit(run_recipe(main, *parse_config((EmbedArguments,), default_config=DEFAULT_CONFIG)))

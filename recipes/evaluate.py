@@ -9,11 +9,12 @@ raw answers under ``output_dir``.
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scope.cli import parse_config, use_threads
+from scope.cli import parse_config, run_recipe, use_threads
 from scope.io import write_json, write_text
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.evaluation import evaluate_student, evaluation_table
@@ -80,4 +81,4 @@ def main(args: EvaluateArguments) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main(*parse_config((EvaluateArguments,), default_config=DEFAULT_CONFIG))
+    sys.exit(run_recipe(main, *parse_config((EvaluateArguments,), default_config=DEFAULT_CONFIG)))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipes.pituning import DEFAULT_CONFIG, SECTIONS, PITuningRun
-from scope.cli import parse_sections
+from scope.cli import parse_sections, run_recipe
 from scope.io import write_json, write_text
 from scope.pituning.baselines import lightgbm_individual, lightgbm_pooled
 from scope.pituning.evaluate import individual_test, results_table, score
@@ -48,5 +48,5 @@ def main(run: IntentBaselineRun, sections: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_sections(SECTIONS, sys.argv[1:], DEFAULT_CONFIG, top=IntentBaselineRun,
-                         shared=("seed", "individual_fraction")))
+    sys.exit(run_recipe(main, *parse_sections(SECTIONS, sys.argv[1:], DEFAULT_CONFIG, top=IntentBaselineRun,
+                                              shared=("seed", "individual_fraction"))))

@@ -16,6 +16,7 @@ training resumes from its checkpoint. TensorBoard logs go to ``output_dir/tb``. 
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scope.cli import parse_sections
+from scope.cli import parse_sections, run_recipe
 from scope.io import write_json, write_text
 from scope.pituning.data import SampleConfig
 from scope.pituning.evaluate import individual_test, pooled, rarest_intents, results_table, score
@@ -135,4 +136,4 @@ def parse(argv: list[str] | None = None) -> PITuningConfig:
 
 
 if __name__ == "__main__":
-    main(parse())
+    sys.exit(run_recipe(main, parse()))

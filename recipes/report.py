@@ -7,9 +7,10 @@ that failed or did not run shows as a labelled "not available" box. Open ``<outp
 in any browser; figures are embedded, so the single file can be mailed.
 """
 
+import sys
 from dataclasses import dataclass
 
-from scope.cli import parse_config
+from scope.cli import parse_config, run_recipe
 from scope.run.report import build_report
 
 
@@ -28,5 +29,4 @@ def main(args: ReportArguments):
 
 
 if __name__ == "__main__":
-    (arguments,) = parse_config((ReportArguments,))
-    main(arguments)
+    sys.exit(run_recipe(main, *parse_config((ReportArguments,))))

@@ -11,13 +11,14 @@ checkpoint.
 """
 
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config, get_quantization_config
 
-from scope.cli import parse_config, use_threads
+from scope.cli import parse_config, run_recipe, use_threads
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.evaluation import held_out_metrics
 from scope.profiles.llms import load_causal_lm, load_tokenizer
@@ -71,4 +72,4 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main(*parse_config((SFTScriptArguments, SFTConfig, ModelConfig), default_config=DEFAULT_CONFIG))
+    sys.exit(run_recipe(main, *parse_config((SFTScriptArguments, SFTConfig, ModelConfig), default_config=DEFAULT_CONFIG)))

@@ -25,7 +25,7 @@ import torch
 from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
-from scope.cli import parse_config
+from scope.cli import parse_config, run_recipe
 from scope.data.tsinghua import load_cohort
 from scope.io import write_json
 from scope.profiles.corpus import build_corpus
@@ -197,4 +197,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main()
+    sys.exit(run_recipe(main))

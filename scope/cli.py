@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,12 +30,22 @@ import yaml
 from transformers import HfArgumentParser
 from trl import TrlParser
 
+from scope.data.events import show
+
+OWN_PACKAGES = ("scope", "completion", "recipes", "__main__")
+
 
 class ConfigParser(TrlParser):
     """``TrlParser`` that also reads ``tuple[X, ...]`` fields (as lists of ``X``; the dataclass turns
     them back into tuples), and leaves out fields set from the data (metadata ``from_data``) and
     nested dataclasses (parsed on their own and put in place by the recipe): those keep their
     defaults here."""
+
+    where = "the command line"  # the config file, for error messages
+
+    def error(self, message):
+        """One line naming the config file, instead of argparse's usage text."""
+        raise SystemExit(f"{self.where}: {message}")
 
     def _add_dataclass_arguments(self, dtype):
         super()._add_dataclass_arguments(dtype)
@@ -80,9 +92,72 @@ def with_default_config(argv: list[str], default: str | Path | None) -> list[str
 
 def parse_config(dataclass_types: tuple[type, ...], argv: list[str] | None = None,
                  default_config: str | Path | None = None) -> tuple:
-    """One instance of each dataclass, from ``--config`` (or ``default_config``) and the overrides."""
+    """One instance of each dataclass, from ``--config`` (or ``default_config``) and the overrides;
+    a value of the wrong kind (``steps: 2.5``, ``tasks: short``) stops here, naming the file and key."""
     argv = with_default_config(sys.argv[1:] if argv is None else argv, default_config)
-    return tuple(ConfigParser(dataclass_types).parse_args_and_config(argv))
+    where = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else "the command line"
+    parser = ConfigParser(dataclass_types)
+    parser.where = where
+    try:
+        parsed = tuple(parser.parse_args_and_config(argv))
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"{where}: {err}") from None
+    for instance in parsed:
+        if type(instance).__module__.split(".")[0] in OWN_PACKAGES:  # TRL's configs validate themselves
+            check_types(instance, where)
+    return parsed
+
+
+def _kind_ok(value, kind) -> bool:
+    """Whether ``value`` is of the annotated ``kind`` (what a YAML file can hold: bool, int, float,
+    str, None, lists of those); kinds beyond that are not checked."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_kind_ok(value, a) for a in args)
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) and args:
+        items = args[:1] if origin is list or args[-1] is Ellipsis else args
+        return isinstance(value, (list, tuple)) and (len(items) == 1 or len(items) == len(value)) and all(
+            _kind_ok(v, items[0] if len(items) == 1 else k) for v, k in zip(value, items * len(value)))
+    return True
+
+
+def _kind_name(kind) -> str:
+    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+
+
+def check_types(instance, where: str) -> None:
+    """Every field of a parsed dataclass holds a value of its annotated kind, else a one-line error."""
+    hints = typing.get_type_hints(type(instance))
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if f.name in hints and not _kind_ok(value, hints[f.name]):
+            raise SystemExit(f"{where}: '{f.name}' must be {_kind_name(hints[f.name])}, got {show(value)}")
+
+
+def run_recipe(main: Callable[..., object], *args) -> int:
+    """Call a recipe's ``main``: bad input or settings print one line and give exit status 2 (the
+    traceback only with ``USCOPE_DEBUG=1``); success gives 0."""
+    try:
+        main(*args)
+    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as err:  # DataError is a ValueError
+        if os.environ.get("USCOPE_DEBUG"):
+            raise
+        message = str(err).splitlines() or [type(err).__name__]
+        print(f"error: {message[0]}" + (f" (+{len(message) - 1} more lines)" if len(message) > 1 else ""),
+              file=sys.stderr)
+        print("(set USCOPE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+    return 0
 
 
 def parse_sections(sections: dict[str, type], argv: list[str] | None = None,
@@ -152,9 +227,11 @@ def _build(cls: type, values, where: str):
             value = tuple(value)
         kwargs[key] = value
     try:
-        return cls(**kwargs)
+        instance = cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise SystemExit(f"{where}: {err}") from None
+    check_types(instance, where)
+    return instance
 
 
 def use_threads(requested: int, use_cpu: bool) -> None:

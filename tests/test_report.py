@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import matplotlib
 
@@ -13,6 +14,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from scope.run.report import build_report, fmt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def png(path, seed=0):
@@ -121,3 +124,20 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     assert gray.std() > 0.05, "the screenshot is blank"
     # the header band (dark) and the page (light) are both there: the page was styled and laid out
     assert gray[:60].mean() < 0.5 < gray[1000:3000].mean()
+
+
+def test_report_embeds_only_configs_inside_the_repository_or_the_run(run, tmp_path):
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("password: hunter2-outside\n")
+    (run / "sft" / "sft.yaml").write_text("learning_rate: 7.7e-5  # inside the run\n")
+    (run / "sft" / "link.yaml").symlink_to(secret)   # inside by name, outside once resolved
+    record = json.loads((run / "sft" / "stage.json").read_text())
+    record["configs"] = {p: "sha" for p in ("/etc/hostname", str(secret), str(run / "sft" / "sft.yaml"),
+                                            str(run / "sft" / "link.yaml"),
+                                            str(ROOT / "recipes" / "configs" / "sft_cpu.yaml"))}
+    dump(run / "sft" / "stage.json", record)
+    page = build_report(run, run / "report").read_text()
+    assert "learning_rate: 7.7e-5" in page and "sft: sft_cpu.yaml" in page
+    assert "hunter2-outside" not in page and "sft: hostname" not in page
+    for path in ("/etc/hostname", str(secret), str(run / "sft" / "link.yaml")):
+        assert f"configuration {path} was not embedded: it is outside both the repository and the run folder" in page

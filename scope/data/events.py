@@ -26,6 +26,25 @@ OPTIONAL_DTYPES: dict[str, str] = {"lat": "float64", "lon": "float64"}
 EVENT_COLUMNS: tuple[str, ...] = tuple(EVENT_DTYPES)
 
 
+MAX_SHOWN_CHARS = 60
+
+
+def show(value) -> str:
+    """A value for an error message: numpy scalars as plain numbers, long values cut short."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN_CHARS else f"{text[:MAX_SHOWN_CHARS]}... ({len(text):,} characters)"
+
+
+def is_ascii_int(text: str, max_digits: int = 18) -> bool:
+    """``text`` is a non-negative integer of at most ``max_digits`` ASCII digits (fits int64; ``str.isdigit``
+    also accepts ``²`` and other Unicode digits that ``int`` rejects)."""
+    return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
+
+
 class DataError(ValueError):
     """Bad input, located: which file, which line, which field, and what was expected."""
 

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 from tqdm.auto import tqdm
 
-from scope.data.events import EVENT_COLUMNS, DataError, LoadReport, RowIssue, empty_events
+from scope.data.events import EVENT_COLUMNS, DataError, LoadReport, RowIssue, empty_events, is_ascii_int, show
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ TRACE_FIELDS = ("user_id", "timestamp", "base_station_id", "app_id", "traffic_by
 TRACE_LINE_FORMAT = "user_id yyyymmddhhmmss base_station_id app_id traffic_bytes"
 _INT_FIELDS = TRACE_FIELDS[:4]
 _BLOCK_BYTES = 32 << 20
+_BOM = b"\xef\xbb\xbf"
+_MAX_TRAFFIC = float(np.finfo(np.float32).max)  # traffic is stored as float32 in the tensors
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,7 +60,7 @@ _BLOCK_BYTES = 32 << 20
 
 def _read_lines(path: Path) -> list[str]:
     """Decode a small text file strictly, naming the line of the first non-UTF-8 byte."""
-    raw = Path(path).read_bytes()
+    raw = Path(path).read_bytes().removeprefix(_BOM)
     if not raw.strip():
         raise DataError(path, None, None, "file is empty")
     try:
@@ -68,7 +70,7 @@ def _read_lines(path: Path) -> list[str]:
         raise DataError(path, line, None, f"byte {raw[err.start]:#04x} is not valid UTF-8") from None
 
 
-_CATEGORY_LINE = re.compile(r"^\s*(\d+)\t\s*'(.*)'\s*$")
+_CATEGORY_LINE = re.compile(r"^\s*([0-9]{1,9})\t\s*'(.*)'\s*$")
 
 
 def read_categories(path: str | Path) -> list[str]:
@@ -102,8 +104,9 @@ def read_app_categories(path: str | Path, n_categories: int | None = None) -> pd
         if len(parts) != 2:
             raise DataError(path, line_no, None, f"expected 2 fields `app_id cat_id`, found {len(parts)}")
         for name, value in zip(("app_id", "cat_id"), parts):
-            if not value.isdigit():
-                raise DataError(path, line_no, name, f"expected a non-negative integer, found {value!r}")
+            if not is_ascii_int(value):
+                raise DataError(path, line_no, name, f"expected a non-negative integer (at most 18 digits), "
+                                f"found {show(value)}")
         app_id, cat_id = int(parts[0]), int(parts[1])
         if n_categories is not None and cat_id >= n_categories:
             raise DataError(path, line_no, "cat_id", f"category {cat_id} is not in 0..{n_categories - 1}")
@@ -117,7 +120,7 @@ def read_base_poi(path: str | Path) -> pd.DataFrame:
     lines = _read_lines(path)
     header = lines[0].rstrip("\r\n").split("\t")
     if header[0].strip() != "BaseID" or len(header) < 2:
-        raise DataError(path, 1, None, f"expected a header `BaseID<TAB>poi category...`, found {lines[0][:80]!r}")
+        raise DataError(path, 1, None, f"expected a header `BaseID<TAB>poi category...`, found {show(lines[0])}")
     columns = [h.strip() for h in header[1:]]
     ids, rows = [], []
     for line_no, text in enumerate(lines[1:], 2):
@@ -126,16 +129,16 @@ def read_base_poi(path: str | Path) -> pd.DataFrame:
         parts = text.rstrip("\r\n").split("\t")
         if len(parts) != len(header):
             raise DataError(path, line_no, None, f"expected {len(header)} tab-separated fields, found {len(parts)}")
-        if not parts[0].strip().isdigit():
-            raise DataError(path, line_no, "BaseID", f"expected a non-negative integer, found {parts[0]!r}")
+        if not is_ascii_int(parts[0].strip()):
+            raise DataError(path, line_no, "BaseID", f"expected a non-negative integer, found {show(parts[0])}")
         try:
             counts = [float(p) for p in parts[1:]]
         except ValueError:
             bad = next(i for i, p in enumerate(parts[1:]) if not _is_float(p))
-            raise DataError(path, line_no, columns[bad], f"expected a count, found {parts[bad + 1]!r}") from None
+            raise DataError(path, line_no, columns[bad], f"expected a count, found {show(parts[bad + 1])}") from None
         if any(not np.isfinite(c) or c < 0 for c in counts):
             bad = next(i for i, c in enumerate(counts) if not np.isfinite(c) or c < 0)
-            raise DataError(path, line_no, columns[bad], f"expected a non-negative count, found {parts[bad + 1]!r}")
+            raise DataError(path, line_no, columns[bad], f"expected a non-negative count, found {show(parts[bad + 1])}")
         ids.append(int(parts[0]))
         rows.append(counts)
     frame = pd.DataFrame(rows, index=pd.Index(ids, name="BaseID"), columns=columns)
@@ -153,8 +156,8 @@ def read_base_coords(path: str | Path) -> pd.DataFrame:
     ids, coords = [], []
     for line_no, text in enumerate(lines[1:], 2):
         parts = text.split("\t")
-        if len(parts) != 3 or not parts[0].isdigit() or not all(_is_float(p) for p in parts[1:]):
-            raise DataError(path, line_no, None, f"expected `BaseID<TAB>lat<TAB>lon`, found {text[:80]!r}")
+        if len(parts) != 3 or not is_ascii_int(parts[0]) or not all(_is_float(p) for p in parts[1:]):
+            raise DataError(path, line_no, None, f"expected `BaseID<TAB>lat<TAB>lon`, found {show(text)}")
         lat, lon = float(parts[1]), float(parts[2])
         if not (-90 <= lat <= 90 and -180 <= lon <= 180):
             raise DataError(path, line_no, "lat" if abs(lat) > 90 else "lon", f"coordinate out of range: {lat}, {lon}")
@@ -279,15 +282,16 @@ class TraceValidator:
                 self._issue("wrong_column_count", line, None,
                             f"expected {len(TRACE_FIELDS)} space-separated fields `{TRACE_LINE_FORMAT}`, found {len(parts)}")
                 continue
-            bad = next((f for f, p in zip(_INT_FIELDS, parts) if not p.isdigit()), None)
+            bad = next((f for f, p in zip(_INT_FIELDS, parts) if not is_ascii_int(p)), None)
             if bad is not None:
                 kind = "malformed_timestamp" if bad == "timestamp" else f"malformed_{bad}"
                 value = parts[TRACE_FIELDS.index(bad)]
-                expected = "a yyyymmddhhmmss time" if bad == "timestamp" else "a non-negative integer"
-                self._issue(kind, line, bad, f"expected {expected}, found {value!r}", parts[0])
+                expected = "a yyyymmddhhmmss time" if bad == "timestamp" else "a non-negative integer of at most 18 digits"
+                self._issue(kind, line, bad, f"expected {expected}, found {show(value)}", parts[0])
                 continue
             if not _is_float(parts[4]):
-                self._issue("non_numeric_traffic", line, "traffic_bytes", f"expected a number of bytes, found {parts[4]!r}", parts[0])
+                self._issue("non_numeric_traffic", line, "traffic_bytes", f"expected a number of bytes, found {show(parts[4])}",
+                            parts[0])
                 continue
             rows.append([int(p) for p in parts[:4]] + [float(parts[4])])
             lines.append(line)
@@ -306,7 +310,8 @@ class TraceValidator:
         checks = [
             ("malformed_user_id", block.user_id < 0, "user_id", "a non-negative integer", block.user_id),
             ("malformed_timestamp", ~valid_time, "timestamp", "a valid yyyymmddhhmmss time", block.timestamp),
-            ("non_numeric_traffic", ~np.isfinite(block.traffic_bytes), "traffic_bytes", "a finite number of bytes", block.traffic_bytes),
+            ("non_numeric_traffic", ~np.isfinite(block.traffic_bytes) | (block.traffic_bytes > _MAX_TRAFFIC),
+             "traffic_bytes", f"a finite number of bytes up to {_MAX_TRAFFIC:.3g}", block.traffic_bytes),
             ("negative_traffic", block.traffic_bytes < 0, "traffic_bytes", "a non-negative number of bytes", block.traffic_bytes),
             ("unknown_app", ~app_known, "app_id", f"an app listed in {APP2CATEGORY_FILE}", app),
             ("unknown_base_station", ~base_known, "base_station_id", f"a base station listed in {BASE_POI_FILE}", base),
@@ -315,7 +320,8 @@ class TraceValidator:
         for kind, mask, field, expected, values in checks:
             new = np.flatnonzero(mask & ~bad)
             for i in new[: 1 if self.strict else None]:
-                self._issue(kind, int(block.line[i]), field, f"expected {expected}, found {values[i]!r}", int(block.user_id[i]))
+                self._issue(kind, int(block.line[i]), field, f"expected {expected}, found {show(values[i])}",
+                            int(block.user_id[i]))
             bad |= mask
         return block.take(~bad), seconds[~bad]
 
@@ -371,7 +377,7 @@ class TraceValidator:
 
     def _issue(self, kind: str, line: int, field: str | None, message: str, user: int | str | None = None) -> None:
         self._pending.append(RowIssue(kind, line, field, message))
-        if user is not None and str(user).isdigit():
+        if user is not None and is_ascii_int(str(user)):
             self._users_with_bad_rows.add(int(user))
 
     def finish(self) -> LoadReport:
@@ -383,6 +389,11 @@ def _byte_blocks(path: Path, block_bytes: int, progress: tqdm | None) -> Iterato
     """Whole-line byte blocks with the file line number of each block's first line."""
     line, rest = 1, b""
     with open(path, "rb") as handle:
+        first = handle.read(len(_BOM))
+        if progress is not None:
+            progress.update(len(first))
+        if first != _BOM:  # a byte-order mark is not part of the first line
+            rest = first
         while chunk := handle.read(block_bytes):
             if progress is not None:
                 progress.update(len(chunk))

@@ -94,6 +94,9 @@ class IndividualConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.batch_size < 1 or self.epochs < 0 or self.unlearn_steps < 0:
+            raise ValueError(f"batch_size must be >= 1, epochs and unlearn_steps >= 0; got {self.batch_size}, "
+                             f"{self.epochs} and {self.unlearn_steps}")
         if self.loss not in ("ce", "focal"):
             raise ValueError(f"loss must be 'ce' or 'focal', got {self.loss!r}")
 

@@ -3,9 +3,10 @@ training) with warm-up + cosine schedule, atomic resumable checkpoints, and batc
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +34,12 @@ class StageConfig:
     eval_every: int = 100
     seed: int = 0
 
+    def __post_init__(self):
+        small = {k: getattr(self, k) for k in ("batch_size", "checkpoint_every", "eval_every") if getattr(self, k) < 1}
+        if small or self.steps < 0 or self.lr <= 0:
+            raise ValueError(f"batch_size, checkpoint_every and eval_every must be >= 1, steps >= 0 and lr > 0; "
+                             f"got {small or {'steps': self.steps, 'lr': self.lr}}")
+
 
 def _optimizer(model: IntentPredictor, cfg: StageConfig, pretrained: bool) -> torch.optim.Optimizer:
     lm = [p for p in model.lm.parameters() if p.requires_grad]
@@ -50,6 +57,9 @@ def _lr_factor(step: int, cfg: StageConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "eval_every")  # may differ between a checkpoint and its resume
+
+
 def fit(model: IntentPredictor, loss_fn: LossFn, data: IntentSamples, cfg: StageConfig, *,
         pretrained: bool = False, checkpoint: str | Path | None = None, desc: str = "train",
         progress: bool = True, log: Callable[[int, dict[str, float]], None] | None = None,
@@ -63,10 +73,17 @@ def fit(model: IntentPredictor, loss_fn: LossFn, data: IntentSamples, cfg: Stage
     optimizer = _optimizer(model, cfg, pretrained)
     device = _device(model)
     generator = torch.Generator().manual_seed(cfg.seed)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # the schedule's base rates, before a checkpoint's
     start = 0
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
     if checkpoint is not None and Path(checkpoint).exists():
-        start, _ = load_checkpoint(checkpoint, {"model": model}, optimizer, generator)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+        start, saved = load_checkpoint(checkpoint, {"model": model}, optimizer, generator)
+        saved = json.loads(saved.get("stage_config", "{}"))
+        changed = [f"{k}: {saved[k]!r} in the checkpoint, {v!r} now" for k, v in settings.items()
+                   if k in saved and saved[k] != v]
+        if changed:
+            raise ValueError(f"{checkpoint}: cannot resume with other settings ({'; '.join(changed)}); use the "
+                             "checkpoint's settings, or another output folder to train afresh")
     history = []
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, disable=not progress)
@@ -75,6 +92,9 @@ def fit(model: IntentPredictor, loss_fn: LossFn, data: IntentSamples, cfg: Stage
             g["lr"] = lr * _lr_factor(step, cfg)
         rows = torch.randint(len(data), (cfg.batch_size,), generator=generator)
         loss, scalars = loss_fn(model, data[rows].to(device), generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}, step {step + 1}: the loss is {loss.item()} (non-finite); stopped before "
+                                     f"the update, {checkpoint or 'no checkpoint'} keeps the last good state")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -89,7 +109,8 @@ def fit(model: IntentPredictor, loss_fn: LossFn, data: IntentSamples, cfg: Stage
         if log is not None:
             log(done, scalars)
         if checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            save_checkpoint(checkpoint, {"model": model}, optimizer, generator, done)
+            save_checkpoint(checkpoint, {"model": model}, optimizer, generator, done,
+                            {"stage_config": json.dumps(settings)})
     model.eval()
     return history
 

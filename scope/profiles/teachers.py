@@ -8,14 +8,18 @@ interface, with an on-disk cache.
   profile schema with ``outlines`` (:func:`scope.profiles.schema.generation_schema`).
 - :class:`EndpointTeacher`: any OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, TGI,
   llama.cpp server, Ollama, ``recipes/serve.py``): asks for JSON-schema output, validates it,
-  runs ``concurrency`` requests at a time with a per-request time-out and a bounded number of
-  retries (exponential back-off); a user whose output never validates is *reported*
-  (``TeacherResult.error``), never silently dropped.
+  runs ``concurrency`` requests at a time, each attempt under a wall-clock deadline, and retries
+  invalid output, broken connections, time-outs, 429 and 5xx (honouring ``Retry-After``) a
+  bounded number of times; other 4xx are not retried. A user whose output never validates is
+  *reported* (``TeacherResult.error``), never silently dropped, and ``generate`` never raises
+  for a fault of the endpoint.
 
 :func:`run_teacher` puts a :class:`TeacherCache` in front of any teacher: entries are keyed by
-``sha256(teacher identity + prompt text)``, so reruns never pay twice; each entry stores a
-checksum of its content, and an entry that is unreadable, fails its checksum or no longer
-validates is reported as corrupted, deleted and regenerated.
+``sha256(teacher identity + prompt text)``, so reruns never pay twice; each result is written to
+the cache (one atomic file per entry) as soon as it arrives, so a run killed mid-way loses at most
+the requests in flight. Each entry stores a checksum of its content, and an entry that is
+unreadable, fails its checksum or no longer validates is reported as corrupted, deleted and
+regenerated.
 
 Decisions: the grounded teacher's persona matches the simulator's ground truth for 97% of a
 200-user cohort, and its profile is the ``y_w`` of Eq. 27. A user whose output never validates is
@@ -25,18 +29,24 @@ written to ``<output_dir>/teacher_failures.jsonl``; the run stops when more than
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
+import http.client
 import json
 import logging
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import closing
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from scope.data.statistics import UserStatistics
 from scope.io import write_text
@@ -46,6 +56,9 @@ from scope.profiles.schema import (AppPreference, LocationTendency, Profile, Pro
                                    generation_schema, parse_profile, profile_json_schema)
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_CAP_S = 120.0   # the longest ``Retry-After`` honoured
+PROGRESS_MIN_USERS = 32     # run_teacher shows a progress bar from this many uncached users
 
 
 @dataclass
@@ -69,6 +82,12 @@ class Teacher:
 
     def generate(self, prompts: Sequence[UserPrompt]) -> list[TeacherResult]:
         raise NotImplementedError
+
+    def stream(self, prompts: Sequence[UserPrompt]) -> Iterator[tuple[int, TeacherResult]]:
+        """``(index into prompts, result)`` pairs as results become available (any order); by default
+        one prompt at a time."""
+        for i, p in enumerate(prompts):
+            yield i, self.generate([p])[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,13 +234,74 @@ class LocalTeacher(Teacher):
 # (c) Any OpenAI-compatible endpoint
 # --------------------------------------------------------------------------------------------
 
+class EndpointStatusError(Exception):
+    """A non-2xx reply. 429 and 5xx are worth retrying (after ``retry_after`` seconds when the server
+    says so); any other status (400, 401, 403, 404, ...) will not change on a retry."""
+
+    def __init__(self, status: int, reason: str, body: bytes, retry_after: str | None):
+        super().__init__(f"HTTP {status} {reason}: {body[:200].decode(errors='replace')}")
+        self.status, self.retry_after = status, _retry_after_s(retry_after)
+
+    @property
+    def retryable(self) -> bool:
+        return self.status == 429 or self.status >= 500
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), capped at
+    :data:`RETRY_AFTER_CAP_S`; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = (email.utils.parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+
+
+def _transport_error(err: Exception) -> str:
+    if isinstance(err, TimeoutError):  # socket.timeout is TimeoutError
+        return f"endpoint timed out: {err}"
+    if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):
+        return f"reply is not JSON: {err}"
+    if isinstance(err, (http.client.HTTPException, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+        return f"connection lost: {err!r}"  # IncompleteRead, BadStatusLine, RemoteDisconnected, ...
+    return f"endpoint unreachable: {err}"
+
+
+def _cut(sock: socket.socket) -> None:
+    """Shut a socket down from another thread: a ``recv`` blocked on it returns at once."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class EndpointTeacher(Teacher):
-    """An OpenAI-compatible chat endpoint with concurrency, time-outs and bounded retries."""
+    """An OpenAI-compatible chat endpoint with bounded concurrency, deadlines and bounded retries.
+
+    ``timeout_s`` bounds each attempt as a whole (connect, send, headers and body; the back-off
+    between attempts is extra). The socket time-out bounds the connect and every single read; once
+    connected, a watchdog timer shuts the socket down at the deadline, which wakes the blocked
+    read, so a server that trickles bytes cannot stretch an attempt (a per-read time-out alone never
+    fires while bytes keep coming, and abandoning a thread would leave the socket open).
+    Broken connections, time-outs, non-JSON replies, invalid output, 429 and 5xx are retried
+    ``max_retries`` times, waiting ``Retry-After`` when the server sends one and an exponential
+    back-off otherwise; other statuses fail the user at once with the status and message.
+    """
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 4,
                  timeout_s: float = 120.0, max_retries: int = 2, backoff_s: float = 0.5, max_tokens: int = 768,
                  temperature: float = 0.0, schema: dict | None = None):
         self.base_url, self.model = base_url.rstrip("/"), model
+        url = urllib.parse.urlsplit(self.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"teacher endpoint {base_url!r} is not an http(s) URL")
+        self._connection = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        self._host, self._port, self._path = url.hostname, url.port, f"{url.path}/chat/completions"
         self.api_key, self.concurrency, self.timeout_s = api_key, max(1, concurrency), timeout_s
         self.max_retries, self.backoff_s = max(0, max_retries), backoff_s
         self.max_tokens, self.temperature = max_tokens, temperature
@@ -229,6 +309,7 @@ class EndpointTeacher(Teacher):
         self.name = f"endpoint:{self.base_url}:{model}:{temperature}"
 
     def _request(self, messages: list[dict]) -> str:
+        """One attempt: the reply's content, or an exception (see :meth:`_one`)."""
         body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
                 "temperature": self.temperature,
                 "response_format": {"type": "json_schema",
@@ -236,37 +317,72 @@ class EndpointTeacher(Teacher):
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(f"{self.base_url}/chat/completions", json.dumps(body).encode(), headers)
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            reply = json.loads(response.read())
+        deadline, late = time.monotonic() + self.timeout_s, f"no complete reply within {self.timeout_s:g} s"
+        conn = self._connection(self._host, self._port, timeout=self.timeout_s)
+        watchdog = None
+        try:
+            conn.connect()
+            watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _cut, (conn.sock,))
+            watchdog.daemon = True
+            watchdog.start()
+            conn.request("POST", self._path, json.dumps(body).encode(), headers)
+            response = conn.getresponse()
+            payload = response.read()
+        except (http.client.HTTPException, OSError) as err:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(late) from err
+            raise
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            conn.close()
+        if time.monotonic() >= deadline:  # the watchdog may have cut the headers or a body without length short
+            raise TimeoutError(late)
+        if not 200 <= response.status < 300:
+            raise EndpointStatusError(response.status, response.reason, payload, response.getheader("Retry-After"))
+        reply = json.loads(payload)
         try:
             return reply["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
             raise ProfileError(f"not a chat-completion reply: {str(reply)[:200]}") from None
 
-    def _one(self, prompt: UserPrompt) -> TeacherResult:
+    def _one(self, prompt: UserPrompt, stop: threading.Event) -> TeacherResult:
+        """One user, retried; always a result. ``stop`` ends the waits between attempts early."""
         errors, raw = [], ""
         for attempt in range(1, self.max_retries + 2):
+            wait = self.backoff_s * 2 ** (attempt - 1)
             try:
                 raw = self._request(prompt.messages)
                 return TeacherResult(prompt.user_id, parse_profile(raw), raw, attempts=attempt)
             except ProfileError as err:
                 errors.append(f"attempt {attempt}: invalid output: {err}")
-            except urllib.error.HTTPError as err:
-                errors.append(f"attempt {attempt}: HTTP {err.code}: {err.read()[:200].decode(errors='replace')}")
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
-                reason = getattr(err, "reason", err)
-                kind = "timed out" if "timed out" in str(reason) or isinstance(reason, TimeoutError) else "unreachable"
-                errors.append(f"attempt {attempt}: endpoint {kind}: {reason}")
-            except json.JSONDecodeError as err:
-                errors.append(f"attempt {attempt}: reply is not JSON: {err}")
-            if attempt <= self.max_retries:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-        return TeacherResult(prompt.user_id, None, raw, "; ".join(errors), attempts=self.max_retries + 1)
+            except EndpointStatusError as err:
+                errors.append(f"attempt {attempt}: {err}")
+                if not err.retryable:
+                    break
+                wait = wait if err.retry_after is None else err.retry_after
+            except (http.client.HTTPException, OSError, ValueError) as err:
+                errors.append(f"attempt {attempt}: {_transport_error(err)}")
+            if attempt > self.max_retries or stop.wait(wait):
+                break
+        return TeacherResult(prompt.user_id, None, raw, "; ".join(errors), attempts=len(errors))
+
+    def stream(self, prompts: Sequence[UserPrompt]) -> Iterator[tuple[int, TeacherResult]]:
+        """Results in completion order, ``concurrency`` requests at a time. Closing the iterator
+        (an error or Ctrl-C in the consumer) cancels the queued users and the pending retries."""
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="teacher")
+        try:
+            futures = {pool.submit(self._one, p, stop): i for i, p in enumerate(prompts)}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        finally:
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def generate(self, prompts: Sequence[UserPrompt]) -> list[TeacherResult]:
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(self._one, prompts))
+        done = dict(self.stream(prompts))
+        return [done[i] for i in range(len(prompts))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,9 +441,12 @@ class TeacherCache:
 
 
 def run_teacher(teacher: Teacher, prompts: Sequence[UserPrompt], cache: TeacherCache | None = None) -> list[TeacherResult]:
-    """Teacher outputs for ``prompts`` (same order); cached ones are read, the rest generated and cached.
+    """Teacher outputs for ``prompts`` (same order); cached ones are read, the rest generated.
 
-    Failed users come back with ``profile=None`` and ``error`` set; the caller reports them.
+    Each valid result is cached the moment it arrives (:meth:`Teacher.stream`), so a rerun after a
+    crash or kill pays only for what was not done. Failed users come back with ``profile=None`` and
+    ``error`` set; the caller reports them. A progress bar (users/s) shows from
+    :data:`PROGRESS_MIN_USERS` uncached users.
     """
     results: list[TeacherResult | None] = [None] * len(prompts)
     todo = []
@@ -337,12 +456,13 @@ def run_teacher(teacher: Teacher, prompts: Sequence[UserPrompt], cache: TeacherC
             results[i] = TeacherResult(p.user_id, hit[0], hit[1], cached=True)
         else:
             todo.append(i)
-    if todo:
-        fresh = teacher.generate([prompts[i] for i in todo])
-        for i, r in zip(todo, fresh):
-            results[i] = r
+    with (closing(teacher.stream([prompts[i] for i in todo])) as stream,  # an error or Ctrl-C cancels what is queued
+          tqdm(total=len(todo), desc=f"teacher {teacher.name}", unit="user", disable=len(todo) < PROGRESS_MIN_USERS) as bar):
+        for j, r in stream:
+            results[todo[j]] = r
             if cache and r.ok:
-                cache.put(TeacherCache.key(teacher.name, prompts[i]), teacher.name, r)
+                cache.put(TeacherCache.key(teacher.name, prompts[todo[j]]), teacher.name, r)
+            bar.update()
     failed = [r for r in results if not r.ok]
     if failed:
         log.warning("teacher %s failed for %d of %d users (first: user %d: %s)", teacher.name, len(failed),

@@ -27,6 +27,7 @@ from scope.run.stages import STAGES, stage_folder
 
 log = logging.getLogger(__name__)
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+REPO_ROOT = Path(__file__).resolve().parents[2]   # the folder holding recipes/
 TEMPLATE = "report.html.jinja"
 
 
@@ -200,10 +201,15 @@ def section_run(run: Run, config_text: str | None) -> Section:
                 first="package")
     if config_text:
         s.code("main job configuration (recipes/configs/demo.yaml)", config_text)
+    allowed = (REPO_ROOT, run.root.resolve())
     for name, record in run.records.items():
         for path in record.get("configs", {}):
-            if Path(path).exists():
-                s.code(f"{name}: {Path(path).name}", Path(path).read_text())
+            resolved = Path(path).resolve()
+            if not any(resolved.is_relative_to(folder) for folder in allowed):
+                s.text(f"{name}: configuration {path} was not embedded: it is outside both the repository "
+                       f"and the run folder.")
+            elif resolved.is_file():
+                s.code(f"{name}: {resolved.name}", resolved.read_text())
         if record.get("commands"):
             s.code(f"{name}: command(s)", "\n".join(record["commands"]))
     return s

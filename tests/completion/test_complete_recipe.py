@@ -31,7 +31,7 @@ def test_unknown_keys_and_commands_are_errors(tmp_path):
         complete.main(["train", "--config", str(bad)])
     with pytest.raises(SystemExit, match="usage"):
         complete.main(["fit", "--config", str(CONFIGS[0])])
-    with pytest.raises(ValueError, match="unknown data"):
+    with pytest.raises(SystemExit, match="unknown data"):
         complete.main(["train", "--config", str(CONFIGS[0]), "--data", "csv"])
 
 

@@ -284,3 +284,45 @@ def test_lightgbm_features_and_small_data_fallback(data):
     one = train[train.intent == train.intent[0]]
     scores, mode = fit_predict(one, train[:5], data.n_events, data.n_intents)
     assert mode == "constant" and (scores.argmax(1) == int(train.intent[0])).all()
+
+
+def test_an_interrupted_stage_resumes_to_the_uninterrupted_result(data, tmp_path):
+    batch = data.population_train[:256]
+    cfg = StageConfig(steps=10, batch_size=16, lr=3e-3, lm_lr=3e-3, warmup_steps=2, checkpoint_every=5)
+    straight = tiny(data, dropout=0.0)
+    fit(straight, population_loss(), batch, cfg, progress=False)
+    calls = []
+
+    def killed_after_step_5(model, samples, generator):
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return population_loss()(model, samples, generator)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny(data, dropout=0.0), killed_after_step_5, batch, cfg, checkpoint=tmp_path / "ckpt.safetensors",
+            progress=False)
+    again = tiny(data, dropout=0.0)
+    assert len(fit(again, population_loss(), batch, cfg, checkpoint=tmp_path / "ckpt.safetensors", progress=False)) == 5
+    for p, q in zip(straight.parameters(), again.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_a_resume_under_other_settings_or_a_non_finite_loss_stops_the_stage(data, tmp_path):
+    batch = data.population_train[:128]
+    cfg = StageConfig(steps=4, batch_size=16, lr=3e-3, warmup_steps=1, checkpoint_every=2)
+    ckpt = tmp_path / "ckpt.safetensors"
+    fit(tiny(data), population_loss(), batch, StageConfig(**{**cfg.__dict__, "steps": 2}), checkpoint=ckpt,
+        progress=False)
+    good = ckpt.read_bytes()
+    with pytest.raises(ValueError, match=r"cannot resume with other settings \(lr: 0.003 in the checkpoint, 0.01 now"):
+        fit(tiny(data), population_loss(), batch, StageConfig(**{**cfg.__dict__, "lr": 0.01}), checkpoint=ckpt,
+            progress=False)
+
+    def poisoned(model, samples, generator):
+        loss, scalars = population_loss()(model, samples, generator)
+        return loss * float("inf"), scalars
+
+    with pytest.raises(FloatingPointError, match="step 3: the loss is inf"):
+        fit(tiny(data), poisoned, batch, cfg, checkpoint=ckpt, progress=False)
+    assert ckpt.read_bytes() == good
