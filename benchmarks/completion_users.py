@@ -61,7 +61,7 @@ def prepare(args, work: Path) -> dict:
     week1 = filtered_cohort(cohort, work / "week1", lambda t: t[1] < week2.strftime("%Y%m%d%H%M%S"))
     emb_dir = work / "embeddings"
     if not (emb_dir / "user_embeddings.safetensors").exists():
-        embed.main(embed.EmbedArguments(cohort_dir=str(week1), simulate_if_missing=False,
+        embed.main(embed.EmbedArguments(cohort_dir=str(week1),
                                         teacher_cache_dir=str(work / "teacher_cache"), output_dir=str(emb_dir)))
     tensors = work / "tensors"
     if not (tensors / "dataset.json").exists():

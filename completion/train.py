@@ -14,17 +14,29 @@ optimiser, RNG state, step, and the configs) are single safetensors files writte
 
 ``objective: regression`` (one forward pass, plain MSE) is the deterministic control of the
 diffusion objective.
+
+Several processes (``torchrun --nproc_per_node N`` or ``accelerate launch``; :func:`distributed`):
+data parallel, with ``batch_size`` the global batch. Every rank holds the same generator, so all
+draw the same global batch and each trains on its own contiguous share of it, with its own
+randomness (seeded per step from the shared generator plus the rank); the gradients are averaged
+over the ranks (one all_reduce), so the weights, the optimiser and the EMA stay identical; U-MASK's
+bank remembers the whole global batch on every rank; the logged values are means over the ranks.
+Rank 0 alone writes checkpoints (the others wait at a barrier), and every rank resumes from it.
+The InfoNCE term and U-MASK's in-batch neighbours see the rank's share only. One process trains
+exactly as before.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -125,23 +137,77 @@ def train_step(model: CompletionModel, batch: Batch, task: Tensor, task_config: 
             "rho": mask.rho.mean()}
 
 
+#################################################################################
+#                        Several processes (data parallel)                      #
+#################################################################################
+
+def distributed(device: str = "cpu") -> tuple[int, int]:
+    """(rank, world size); (0, 1) in a single process. Under a launcher (``WORLD_SIZE`` > 1) the
+    process group is initialised on first use, gloo on CPU and nccl on CUDA, unless it already is
+    (accelerate's)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def rank_device(device: str, world: int) -> str:
+    """With several processes on CUDA each uses its own GPU (``LOCAL_RANK``)."""
+    if world > 1 and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def gather(x: Tensor) -> Tensor:
+    """Every rank's ``x`` (the same shape on all), concatenated in rank order."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def average_gradients(model: nn.Module, world: int) -> None:
+    """Replace each gradient by its mean over the ranks (one all_reduce of all of them; a parameter
+    without a gradient counts as zero, so every rank reduces the same tensor)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def mean_over_ranks(values: dict[str, Tensor], world: int) -> dict[str, Tensor]:
+    """The logged scalars (detached), averaged over the ranks (one all_reduce)."""
+    values = {k: v.detach() for k, v in values.items()}
+    if world == 1:
+        return values
+    stacked = torch.stack([v.to(values["loss"].device, torch.float32) for v in values.values()])
+    dist.all_reduce(stacked)
+    return dict(zip(values, (stacked / world).unbind()))
+
+
 def train(model_config: ModelConfig, data: Batch, task_config: TaskConfig, config: TrainConfig,
           out_dir: str | Path | None = None, progress: bool = True,
           on_step: Callable[[int, dict[str, float]], None] | None = None,
           ) -> tuple[CompletionModel, CompletionModel, list[dict[str, float]]]:
     """Train from scratch or resume from `out_dir`; returns (model, EMA model, per-step logs).
 
-    `on_step(step, log)` is called after every optimiser step (e.g. to write TensorBoard scalars).
+    `on_step(step, log)` is called after every optimiser step (e.g. to write TensorBoard scalars),
+    on every rank with the same log (means over the ranks).
     """
+    rank, world = distributed(config.device)
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} is the global batch: it must divide among {world} processes")
+    device = rank_device(config.device, world)
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        model = build_model(model_config).to(config.device)
+        model = build_model(model_config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     others = [p for name, p in model.named_parameters() if not name.startswith("umask.")]
     optimizer = torch.optim.AdamW([{"params": others},
                                    {"params": model.umask.parameters(), "lr": config.lr * config.mask_lr_scale}],
                                   lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator(config.device).manual_seed(config.seed)
+    generator = torch.Generator(device).manual_seed(config.seed)
     start = 0
     path = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     if path is not None and path.exists():
@@ -150,31 +216,48 @@ def train(model_config: ModelConfig, data: Batch, task_config: TaskConfig, confi
     else:
         model.fit_statistics(data, task_config, config.tasks, generator)
         ema.load_state_dict(model.state_dict())
-    tasks = torch.tensor([task_index(name) for name in config.tasks], device=config.device)
+    if world > 1:
+        for tensor in [*model.state_dict().values(), *ema.state_dict().values()]:
+            dist.broadcast(tensor, 0)  # rank 0's start is every rank's start
+        if config.mask == "umask":  # the bank remembers every rank's share of the batch
+            remember = model.umask.remember
+            model.umask.remember = lambda Z, task: remember(gather(Z), gather(task))
+    tasks = torch.tensor([task_index(name) for name in config.tasks], device=device)
     logs = []
     model.train()
     for step in tqdm(range(start, config.steps), initial=start, total=config.steps,
-                     disable=not progress, desc="train"):
-        rows = torch.randint(len(data), (config.batch_size,), generator=generator, device=config.device)
-        task = tasks[torch.randint(len(tasks), (config.batch_size,), generator=generator,
-                                   device=config.device)]
-        batch = data[rows.to(data.x.device)].to(config.device)
-        out = train_step(model, batch, task, task_config, config, generator)
-        if not torch.isfinite(out["loss"]):
-            raise FloatingPointError(f"step {step + 1}: the loss is {out['loss'].item()} (non-finite); stopped "
+                     disable=not progress or rank > 0, desc="train"):
+        rows = torch.randint(len(data), (config.batch_size,), generator=generator, device=device)
+        task = tasks[torch.randint(len(tasks), (config.batch_size,), generator=generator, device=device)]
+        step_generator = generator
+        if world > 1:  # this rank's share of the global batch, and randomness of its own
+            rows, task = rows.chunk(world)[rank], task.chunk(world)[rank]
+            seed = torch.randint(2**62, (), generator=generator, device=device).item()
+            step_generator = torch.Generator(device).manual_seed(seed + rank)
+        batch = data[rows.to(data.x.device)].to(device)
+        out = train_step(model, batch, task, task_config, config, step_generator)
+        logged = mean_over_ranks(out, world)  # the same on every rank, so all stop together
+        if not torch.isfinite(logged["loss"]):
+            raise FloatingPointError(f"step {step + 1}: the loss is {logged['loss'].item()} (non-finite); stopped "
                                      f"before the update, {path or 'no checkpoint'} keeps the last good state. "
                                      "Check the inputs for extreme values, or lower lr")
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
+        if world > 1:
+            average_gradients(model, world)
         nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         update_ema(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))  # EMA warm-up
-        logs.append({k: v.item() for k, v in out.items()})
+        logs.append({k: v.item() for k, v in logged.items()})
         done = step + 1
         if on_step is not None:
             on_step(done, logs[-1])
         if path is not None and (done % config.checkpoint_every == 0 or done == config.steps):
-            save_checkpoint(path, model, ema, optimizer, generator, done, model_config, config, task_config)
+            if rank == 0:
+                save_checkpoint(path, model, ema, optimizer, generator, done, model_config, config, task_config)
+            if world > 1:
+                dist.barrier()  # nobody runs ahead of the checkpoint
+    model.umask.__dict__.pop("remember", None)  # the plain module again
     return model, ema.eval(), logs
 
 

@@ -21,10 +21,11 @@ class SummaryArguments:
     cohort_dir: str = "runs/default/cohort"
     tensors_dir: str = "runs/default/tensors"
     output_dir: str = "runs/default/summary"
+    lenient: bool = False              # skip bad trace rows (counted) instead of stopping
 
 
 def main(args: SummaryArguments) -> dict:
-    loaded = load_cohort(args.cohort_dir)
+    loaded = load_cohort(args.cohort_dir, strict=not args.lenient)
     try:
         personas = read_ground_truth(args.cohort_dir)["persona"]
     except FileNotFoundError:  # a real cohort has no simulator ground truth

@@ -16,6 +16,13 @@ units, target and evidence masks, per task; app-category rankings on per-user te
 the data file's or folder's name, so one checkpoint evaluated on several files never overwrites a
 result.
 
+train runs data parallel under a launcher (`batch_size` is the global batch; see completion.train):
+
+    torchrun --nproc_per_node 2 recipes/complete.py train --config ...   # CPU: gloo; GPUs: nccl, one each
+
+Rank 0 alone writes args.json, TensorBoard, the checkpoint and the calibration; calibrate, evaluate
+and predict are single-process commands.
+
 A checkpoint applied to other data (another city, another step length) keeps its weights: the
 slots per day of the data (from its timestamps) retune the calendar and the prior, the data's
 own train split gives its normalisation, and a POI width other than the checkpoint's is refused
@@ -23,6 +30,7 @@ unless `pad_poi: true`. `evidence: auto` evaluates with the mask the checkpoint 
 (U-MASK, or the whole available region for a fixed-mask control).
 """
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -45,7 +53,8 @@ from completion.model import ModelConfig
 from completion.recommend import app_channels, engagement, recommendation_report
 from completion.tasks import TASKS, TaskConfig
 from completion.tensors import BehaviourTensors
-from completion.train import CHECKPOINT, TrainConfig, check_resume, checkpoint_configs, load_model, train
+from completion.train import (CHECKPOINT, TrainConfig, check_resume, checkpoint_configs, distributed, load_model,
+                              train)
 from completion.users import load_embeddings, user_batch
 from scope.cli import parse_config, run_recipe
 from scope.io import atomic_path, checkpoint_metadata, write_json
@@ -168,15 +177,21 @@ def cmd_train(cfg: Configs) -> dict:
     if checkpoint.exists():  # refuse other settings before anything is written
         check_resume(checkpoint, model_config, train_config, cfg.task)
         resumed_at = int(checkpoint_metadata(checkpoint)["step"]) + 1  # the first step not in the checkpoint
-    write_json(run / "args.json", settings(replace(cfg, model=model_config)))  # with the prior chosen on val
-    with SummaryWriter(str(run / "tb"), purge_step=resumed_at) as writer:  # drop steps logged after the checkpoint
+    rank, _ = distributed(train_config.device)  # several processes: rank 0 writes, all train
+    if rank == 0:
+        write_json(run / "args.json", settings(replace(cfg, model=model_config)))  # with the prior chosen on val
+    # drop steps logged after the checkpoint
+    tensorboard = SummaryWriter(str(run / "tb"), purge_step=resumed_at) if rank == 0 else contextlib.nullcontext()
+    with tensorboard as writer:
         def on_step(step: int, log: dict) -> None:
-            if step % args.log_every == 0 or step == train_config.steps:
+            if writer is not None and (step % args.log_every == 0 or step == train_config.steps):
                 for key, value in log.items():
                     writer.add_scalar(f"train/{key}", value, step)
         _, _, logs = train(model_config, data.batch, cfg.task, train_config, out_dir=run, on_step=on_step)
     summary = {"steps": train_config.steps, "steps_run": len(logs),
                "final": {k: float(np.mean([r[k] for r in logs[-20:]])) for k in logs[-1]} if logs else {}}
+    if rank > 0:
+        return summary
     print(f"trained {len(logs)} steps -> {run / CHECKPOINT}: {summary['final']}")
     if args.calibrate:
         summary["calibration"] = cmd_calibrate(cfg)

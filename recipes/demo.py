@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class DemoArguments:
     output_dir: str = "runs/demo"
+    cohort_dir: str | None = None     # your Tsinghua-format folder (read in place, never written); null: simulate
+    lenient: bool = False             # skip bad trace rows (counted in tensors/load_report.json) instead of stopping
     # the simulated cohort (embedded default)
     n_users: int = 200
     days: int = 7
@@ -74,44 +76,53 @@ def stages(args: DemoArguments, python: str = sys.executable) -> list[Stage]:
     def opt(flag: str) -> list[str]:
         return [] if threads is not None else [flag, str(args.threads)]
 
-    profile_data = ["--cohort_dir", d["cohort"], "--simulate_if_missing", "false", "--teacher_cache_dir", cache]
+    if args.cohort_dir is not None:  # the user's data: checked, then read in place by every stage
+        cohort = Path(args.cohort_dir).resolve()
+        cohort_stage = Stage("cohort", [recipe("cohort", "--source_dir", cohort, "--output_dir", d["cohort"])],
+                             d["cohort"], inputs=[cohort], outputs=[stage_output(run, "cohort")],
+                             description=f"check your Tsinghua-format cohort in {cohort} (read in place, never written)")
+    else:
+        cohort = d["cohort"]
+        cohort_stage = Stage("cohort", [recipe("cohort", "--config", args.cohort_config, "--output_dir", cohort,
+                                               "--n_users", args.n_users, "--days", args.days, "--seed", args.seed)],
+                             cohort, configs=[args.cohort_config], outputs=[stage_output(run, "cohort")],
+                             description="simulate a cohort in the Tsinghua App Usage format")
+    lenient = ["--lenient", str(args.lenient).lower()]
+    profile_data = ["--cohort_dir", cohort, "--teacher_cache_dir", cache, *lenient]
     embeddings = stage_output(run, "embed")
     completion = ["--config", args.complete_config, "--data_path", d["tensors"], "--embeddings", embeddings,
                   "--output_dir", d["completion"]]
     out = [
-        Stage("cohort", [recipe("cohort", "--config", args.cohort_config, "--output_dir", d["cohort"], "--n_users",
-                                args.n_users, "--days", args.days, "--seed", args.seed)], d["cohort"],
-              configs=[args.cohort_config], outputs=[stage_output(run, "cohort")],
-              description="simulate a cohort in the Tsinghua App Usage format"),
-        Stage("tensors", [recipe("tensorize", "--config", args.tensorize_config, "--cohort_dir", d["cohort"],
-                                 "--output_dir", d["tensors"], "--seed", args.seed)], d["tensors"],
-              configs=[args.tensorize_config], inputs=[d["cohort"]], needs=["cohort"],
+        cohort_stage,
+        Stage("tensors", [recipe("tensorize", "--config", args.tensorize_config, "--cohort_dir", cohort,
+                                 "--output_dir", d["tensors"], "--seed", args.seed, *lenient)], d["tensors"],
+              configs=[args.tensorize_config], inputs=[cohort], needs=["cohort"],
               outputs=[stage_output(run, "tensors")], description="load, validate and tensorize the cohort"),
-        Stage("summary", [recipe("cohort_summary", "--cohort_dir", d["cohort"], "--tensors_dir", d["tensors"],
-                                 "--output_dir", d["summary"])], d["summary"], inputs=[d["cohort"], d["tensors"]],
+        Stage("summary", [recipe("cohort_summary", "--cohort_dir", cohort, "--tensors_dir", d["tensors"],
+                                 "--output_dir", d["summary"], *lenient)], d["summary"], inputs=[cohort, d["tensors"]],
               needs=["cohort", "tensors"], outputs=[stage_output(run, "summary")],
               description="cohort summary and figures"),
         Stage("sft", [recipe("sft", "--config", args.sft_config, *profile_data, "--output_dir", d["sft"],
-                             *opt("--threads"))], d["sft"], configs=[args.sft_config], inputs=[d["cohort"]],
+                             *opt("--threads"))], d["sft"], configs=[args.sft_config], inputs=[cohort],
               needs=["cohort"], outputs=[stage_output(run, "sft")],
               description="teacher profiles + SFT (CoT distillation) of the LoRA student"),
         Stage("dpo", [recipe("dpo", "--config", args.dpo_config, *profile_data, "--sft_adapter", d["sft"],
                              "--output_dir", d["dpo"], *opt("--threads"))], d["dpo"], configs=[args.dpo_config],
-              inputs=[d["cohort"], d["sft"]], needs=["sft"], outputs=[stage_output(run, "dpo")],
+              inputs=[cohort, d["sft"]], needs=["sft"], outputs=[stage_output(run, "dpo")],
               description="DPO (Eq. 27) on top of the SFT student"),
         Stage("evaluate", [recipe("evaluate", "--config", args.evaluate_config, *profile_data, "--output_dir",
                                   d["evaluate"], "--sft_adapter", d["sft"], "--dpo_adapter", d["dpo"],
                                   *opt("--threads"))], d["evaluate"], configs=[args.evaluate_config],
-              inputs=[d["cohort"], d["sft"], d["dpo"]], needs=["sft", "dpo"],
+              inputs=[cohort, d["sft"], d["dpo"]], needs=["sft", "dpo"],
               outputs=[stage_output(run, "evaluate")],
               description="student evaluation: before SFT / after SFT / after DPO"),
-        Stage("synthesis", [recipe("synthesize", cmd, "--config", args.synthesize_config, "--cohort_dir", d["cohort"],
-                                   "--output_dir", d["synthesis"]) for cmd in ("train", "generate", "report")],
-              d["synthesis"], configs=[args.synthesize_config], inputs=[d["cohort"]], needs=["cohort"],
+        Stage("synthesis", [recipe("synthesize", cmd, "--config", args.synthesize_config, "--cohort_dir", cohort,
+                                   "--output_dir", d["synthesis"], *lenient) for cmd in ("train", "generate", "report")],
+              d["synthesis"], configs=[args.synthesize_config], inputs=[cohort], needs=["cohort"],
               outputs=[stage_output(run, "synthesis")],
               description="semantic-augmented synthetic cohort + fidelity report"),
         Stage("embed", [recipe("embed", "--config", args.embed_config, *profile_data, "--output_dir", d["embed"])],
-              d["embed"], configs=[args.embed_config], inputs=[d["cohort"]], needs=["cohort"],
+              d["embed"], configs=[args.embed_config], inputs=[cohort], needs=["cohort"],
               outputs=[embeddings], description="user embeddings h_u (Eq. 24)"),
         Stage("completion", [recipe("complete", "train", *completion),
                              recipe("complete", "evaluate", *completion, "--max_entities", 32)],

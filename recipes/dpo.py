@@ -5,9 +5,11 @@
 Preference triplets (x_u, y_w = grounded profile, y_l = popularity profile / another user's
 profile / a failing student sample, see scope.profiles.dpo). The SFT adapter is merged into the base
 weights and a new LoRA is trained with TRL's DPOTrainer: with no ``ref_model`` the reference is
-the adapter-disabled model, i.e. the SFT student. Reports reward accuracy / margins (train and
-held-out pairs) and the grounding score of the aligned student; saves adapter, tokenizer and a
-model card; resumes from its last checkpoint.
+the adapter-disabled model, i.e. the SFT student. With ``load_in_4bit`` (QLoRA) the SFT adapter is
+merged into the unquantized base and the merged weights are quantized to NF4 once
+(``scope.profiles.llms.load_student``); the reference is then that quantized SFT student. Reports
+reward accuracy / margins (train and held-out pairs) and the grounding score of the aligned
+student; saves adapter, tokenizer and a model card; resumes from its last checkpoint.
 """
 
 import logging
@@ -22,10 +24,12 @@ from scope.cli import parse_config, run_recipe, use_threads
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.dpo import preference_dataset
 from scope.profiles.evaluation import generate_answers, held_out_metrics
-from scope.profiles.llms import load_student, load_tokenizer
+from scope.profiles.llms import LOADER_KEYS, LORA_KEYS, load_model_tokenizer, load_student
 from scope.profiles.sft import set_stop_token, train_and_save, write_model_card
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "dpo_cpu.yaml"
+# The trl.ModelConfig keys this recipe honours: the loader's (scope.profiles.llms.load_student) and the LoRA's.
+MODEL_KEYS = LOADER_KEYS + LORA_KEYS
 
 
 @dataclass
@@ -42,6 +46,14 @@ class DPOScriptArguments(ProfileDataArguments):
     threads: int = 0
 
 
+def build_student(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: ModelConfig):
+    """The tokenizer and the SFT student the trainer gets: the base of ``model_args`` with the SFT adapter
+    merged (every ModelConfig key of the loader applied). With ``load_in_4bit`` / ``load_in_8bit`` the adapter
+    is merged into the unquantized weights and the merged weights are quantized (QLoRA on the SFT student)."""
+    return (load_model_tokenizer(model_args, training_args),
+            load_student(model_args, [script_args.sft_adapter], training_args=training_args))
+
+
 def _mean(history: list[dict], key: str) -> float | None:
     values = [h[key] for h in history if key in h]
     return sum(values) / len(values) if values else None
@@ -52,8 +64,7 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
     use_threads(script_args.threads, training_args.use_cpu)
     out = Path(training_args.output_dir)
     corpus = build_corpus(script_args, report_dir=out)
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    model = load_student(model_args.model_name_or_path, [script_args.sft_adapter], dtype=model_args.dtype or "float32")
+    tokenizer, model = build_student(script_args, training_args, model_args)
     set_stop_token(model, tokenizer)
 
     student_answers = None

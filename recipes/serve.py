@@ -23,12 +23,15 @@ import hmac
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import jinja2
 import torch
@@ -261,6 +264,24 @@ def make_handler(chat_model: ChatModel):
 
 class Server(ThreadingHTTPServer):
     request_queue_size = 64     # connections waiting to be accepted (a burst of clients is not refused)
+
+
+def launch(model: str | Path, *flags: str, log=subprocess.DEVNULL, timeout_s: float = 180.0
+           ) -> tuple[subprocess.Popen, str]:
+    """Start this server in a subprocess on a free loopback port; returns the process and its
+    ``http://127.0.0.1:PORT/v1`` once it serves (tests and benchmarks)."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__)), "--model", str(model), "--host", "127.0.0.1",
+                             "--port", "0", *flags], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=log, text=True)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("serving "):
+            return proc, line.split(" on ")[1].strip()
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"recipes/serve.py did not start (model {model})")
 
 
 def main(args: ServeArguments) -> None:

@@ -16,15 +16,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config, get_quantization_config
+from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from scope.cli import parse_config, run_recipe, use_threads
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.evaluation import held_out_metrics
-from scope.profiles.llms import load_causal_lm, load_tokenizer
+from scope.profiles.llms import LOADER_KEYS, LORA_KEYS, load_model, load_model_tokenizer
 from scope.profiles.sft import set_stop_token, sft_dataset, train_and_save, write_model_card
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft_cpu.yaml"
+# The trl.ModelConfig keys this recipe honours: the loader's (scope.profiles.llms.load_model) and the LoRA's.
+MODEL_KEYS = LOADER_KEYS + LORA_KEYS
 
 
 @dataclass
@@ -35,6 +37,12 @@ class SFTScriptArguments(ProfileDataArguments):
     threads: int = 0                 # CPU training: torch threads per process (0 = all cores / processes)
 
 
+def build_model(model_args: ModelConfig, training_args: SFTConfig):
+    """The tokenizer and the base model the trainer gets (every ModelConfig key of the loader applied;
+    4-/8-bit with ``load_in_4bit`` / ``load_in_8bit``: QLoRA, on a GPU or the CPU)."""
+    return load_model_tokenizer(model_args, training_args), load_model(model_args, training_args)
+
+
 def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict:
     start = time.perf_counter()
     use_threads(script_args.threads, training_args.use_cpu)
@@ -43,10 +51,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     train = sft_dataset(corpus, script_args.train_splits)
     val = sft_dataset(corpus, ["val"]) if corpus.profiled("val") and training_args.eval_strategy != "no" else None
 
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    model = load_causal_lm(model_args.model_name_or_path, dtype=model_args.dtype or "float32",
-                           quantization_config=get_quantization_config(model_args),
-                           attn_implementation=model_args.attn_implementation)
+    tokenizer, model = build_model(model_args, training_args)
     stop = set_stop_token(model, tokenizer)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=val,
                          processing_class=tokenizer, peft_config=get_peft_config(model_args))

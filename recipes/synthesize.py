@@ -29,7 +29,8 @@ from scope.cli import parse_config, run_recipe
 from scope.data.tsinghua import load_cohort
 from scope.io import write_json
 from scope.profiles.corpus import build_corpus
-from scope.profiles.llms import load_causal_lm, load_student, load_tokenizer
+from scope.profiles.llms import (LOADER_KEYS, LORA_KEYS, load_model, load_model_tokenizer, load_student,
+                                 load_tokenizer)
 from scope.profiles.sft import train_and_save, write_model_card
 from scope.synthesis.fidelity import fidelity_report
 from scope.synthesis.generation import (GRAMMAR_FILE, TRAIN_TRACES_FILE, RecordPools, SynthesisArguments,
@@ -40,6 +41,9 @@ from scope.synthesis.traces import GrammarTokens, windows_from_events
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "synthesize_cpu.yaml"
 STAGES = ("train", "generate", "report")
+# The trl.ModelConfig keys this recipe honours: the loader's (scope.profiles.llms.load_model, load_student)
+# and the LoRA's.
+MODEL_KEYS = LOADER_KEYS + LORA_KEYS
 log = logging.getLogger("recipes.synthesize")
 
 
@@ -51,6 +55,17 @@ def _threads(args: SynthesisArguments) -> None:
 def _dirs(training_args: SFTConfig) -> tuple[Path, Path, Path, Path]:
     out = Path(training_args.output_dir)
     return out, out / "model", out / "cohort", out / "report"
+
+
+def trace_lm(model_args: ModelConfig, training_args: SFTConfig):
+    """The base model ``train`` fine-tunes (every ModelConfig key of the loader applied)."""
+    return load_model(model_args, training_args)
+
+
+def trained_trace_lm(model_args: ModelConfig, training_args: SFTConfig, model_dir: Path):
+    """The base with the trained LoRA of ``model_dir`` merged, as ``generate`` samples it (quantized when the
+    config quantizes: merged into the unquantized weights, then quantized)."""
+    return load_student(model_args, [str(model_dir)], training_args=training_args)
 
 
 def train(script_args: SynthesisArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict:
@@ -72,13 +87,13 @@ def train(script_args: SynthesisArguments, training_args: SFTConfig, model_args:
         windows = grammar.read_windows(traces_path)                      # the file is what is trained on
     if not windows:
         raise ValueError("no training windows: the users of train_splits have no events")
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    tokenizer = load_model_tokenizer(model_args, training_args)
     tokens = GrammarTokens(grammar, tokenizer)
     profiles = {u: r.profile for u, r in corpus.results.items()}
     rows = trace_examples(windows, profiles, tokens, corpus.clusters.names, training_args.max_length)
     dataset = Dataset.from_list(rows)
 
-    model = load_causal_lm(model_args.model_name_or_path, dtype=model_args.dtype or "float32")
+    model = trace_lm(model_args, training_args)
     training_args.output_dir = str(model_dir)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=get_peft_config(model_args))
@@ -116,7 +131,7 @@ def generate(script_args: SynthesisArguments, training_args: SFTConfig, model_ar
         raise ValueError(f"the trace LM in {model_dir} was trained on other app categories / location clusters than "
                          f"the cohort {corpus.cohort.directory}")
     tokenizer = load_tokenizer(str(model_dir))
-    model = load_student(model_args.model_name_or_path, [str(model_dir)], dtype=model_args.dtype or "float32")
+    model = trained_trace_lm(model_args, training_args, model_dir)
     tokens = GrammarTokens(grammar, tokenizer)
     requests = plan_requests(corpus, script_args, grammar)
     stats = generate_shards(model, tokens, requests, corpus.clusters.names, cohort_dir / "shards",

@@ -83,7 +83,7 @@ def read_categories(path: str | Path) -> list[str]:
             if text.strip():
                 stray.append(line_no)
             continue
-        cat_id, name = int(match.group(1)), match.group(2).replace("\\_", "_").strip()
+        cat_id, name = int(match.group(1)), re.sub(r"\\(.)", r"\1", match.group(2)).strip()  # un-escape \_ and \&
         if cat_id in names:
             raise DataError(path, line_no, "id", f"duplicate category id {cat_id}")
         names[cat_id] = name
@@ -92,6 +92,14 @@ def read_categories(path: str | Path) -> list[str]:
     if sorted(names) != list(range(len(names))):
         raise DataError(path, None, "id", f"category ids must be 0..{len(names) - 1}, found {sorted(names)}")
     return [names[i] for i in range(len(names))]
+
+
+def category_key(name: str) -> str:
+    """A spelling-independent key of an app category name: its ASCII letters, lower-cased. The real
+    ``Categorys.txt`` writes ``Health&Fitness``, ``Social_Networking``, ``infant&mom`` and even
+    ``Weath1er`` where the simulator writes ``Health & Fitness``, ``Social Networking``, ``Infant &
+    Mom`` and ``Weather``; rules that recognise categories compare these keys."""
+    return re.sub(r"[^a-z]", "", name.lower())
 
 
 def read_app_categories(path: str | Path, n_categories: int | None = None) -> pd.Series:

@@ -2,8 +2,9 @@
 
 Every U-SCOPE stage (SFT, DPO, evaluation, embeddings) starts here, configured by
 :class:`ProfileDataArguments` (a dataclass the recipes extend, so each recipe's YAML shows these
-keys). When ``cohort_dir`` holds no cohort and ``simulate_if_missing`` is set, the embedded
-default cohort is simulated there first, so a fresh clone runs end to end. Users are split with
+keys). ``cohort_dir`` names a Tsinghua-format folder, which is read (never written) and must
+exist; without it the embedded default cohort is simulated once into ``simulated_cohort_dir``, so a
+fresh clone runs end to end. Users are split with
 :class:`scope.data.splits.UserSplitter` (train / val / test by a hash of the id; users with few
 records are ``cold``); the student is evaluated on ``test`` users, never trained on them.
 """
@@ -36,8 +37,8 @@ class TeacherFailure(RuntimeError):
 class ProfileDataArguments:
     """Where the users come from and which teacher profiles them (shared by the U-SCOPE recipes)."""
 
-    cohort_dir: str = "runs/uscope/cohort"
-    simulate_if_missing: bool = True           # simulate the embedded default cohort into cohort_dir if empty
+    cohort_dir: str | None = None              # your Tsinghua-format folder (must exist); null: the embedded default
+    simulated_cohort_dir: str = "runs/uscope/cohort"  # where the embedded default is simulated (once)
     n_users: int = 40                          # simulated cohort only
     days: int = 3                              # simulated cohort only
     cohort_seed: int = 0                       # simulated cohort only
@@ -85,12 +86,18 @@ class ProfileCorpus:
 
 
 def ensure_cohort(args: ProfileDataArguments) -> Path:
-    directory = Path(args.cohort_dir)
+    """The cohort folder: ``cohort_dir`` as given (a missing one is an error, never simulated), or
+    the embedded default, simulated into ``simulated_cohort_dir`` unless it is already there."""
+    if args.cohort_dir is not None:
+        directory = Path(args.cohort_dir)
+        if not (directory / TRACE_FILE).exists():
+            raise FileNotFoundError(f"{directory / TRACE_FILE} not found: cohort_dir must hold a Tsinghua-format "
+                                    "cohort (leave cohort_dir unset for the embedded default)")
+        return directory
+    directory = Path(args.simulated_cohort_dir)
     if not (directory / TRACE_FILE).exists():
-        if not args.simulate_if_missing:
-            raise FileNotFoundError(f"{directory / TRACE_FILE} not found (set simulate_if_missing: true to simulate "
-                                    "the embedded default cohort there)")
-        log.info("no cohort in %s: simulating %d users x %d days", directory, args.n_users, args.days)
+        log.info("simulating the embedded default cohort (%d users x %d days) into %s", args.n_users, args.days,
+                 directory)
         simulate_cohort(CohortConfig(n_users=args.n_users, days=args.days, seed=args.cohort_seed), directory)
     return directory
 
@@ -116,14 +123,19 @@ def make_teacher(args: ProfileDataArguments, clusters: LocationClusters | None =
     raise ValueError(f"unknown teacher '{args.teacher}': expected grounded, endpoint or local")
 
 
-def build_corpus(args: ProfileDataArguments, teacher: Teacher | None = None, *, cohort: Cohort | None = None,
-                 report_dir: str | Path | None = None) -> ProfileCorpus:
-    """Load (or simulate) the cohort and profile every user with the (cached) teacher."""
+def cohort_and_clusters(args: ProfileDataArguments, cohort: Cohort | None = None) -> tuple[Cohort, LocationClusters]:
+    """The configured cohort (loaded, or simulated first) and its location clusters."""
     if cohort is None:
         cohort = load_cohort(ensure_cohort(args), strict=not args.lenient)
     if not len(cohort.events):
         raise ValueError(f"cohort {cohort.directory} has no events: nothing to profile")
-    clusters = cluster_locations(cohort.base_poi, k=args.location_clusters, seed=args.split_seed)
+    return cohort, cluster_locations(cohort.base_poi, k=args.location_clusters, seed=args.split_seed)
+
+
+def build_corpus(args: ProfileDataArguments, teacher: Teacher | None = None, *, cohort: Cohort | None = None,
+                 report_dir: str | Path | None = None) -> ProfileCorpus:
+    """Load (or simulate) the cohort and profile every user with the (cached) teacher."""
+    cohort, clusters = cohort_and_clusters(args, cohort)
     splitter = UserSplitter(cold_start_max_events=args.cold_start_max_events, seed=args.split_seed)
     split_of = {u: s for s, users in splitter.split(cohort.events).items() for u in users}
     stats = cohort_statistics(cohort.events, cohort.categories, clusters)

@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 import yaml
+from safetensors import safe_open
 from datasets import Dataset
 
 from scope.io import write_text
@@ -80,15 +81,39 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     return str(max(folders, key=lambda p: int(p.name.split("-")[1]))) if folders else None
 
 
+def check_adapter(folder: str | Path) -> None:
+    """A saved LoRA adapter holds LoRA weights: ``adapter_model.safetensors`` has at least one
+    ``lora_A`` and one ``lora_B`` tensor and no empty one. ZeRO-3 without
+    ``stage3_gather_16bit_weights_on_model_save`` has saved zero-size tensors (trl#4416,
+    peft#2892); FSDP with ``SHARDED_STATE_DICT`` saves no file at all."""
+    path = Path(folder) / "adapter_model.safetensors"
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing: the adapter was not saved (FSDP: the final save needs "
+                           "FULL_STATE_DICT)")
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+    empty = sorted(name for name, shape in shapes.items() if 0 in shape or not shape)
+    if empty or not any("lora_A" in n for n in shapes) or not any("lora_B" in n for n in shapes):
+        raise RuntimeError(f"{path}: an empty LoRA adapter ({len(shapes)} tensors, empty: {empty[:3]}); under "
+                           "ZeRO-3 set zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_save)")
+
+
 def train_and_save(trainer, tokenizer, out_dir: str | Path, resume: bool = True):
     """Train (continuing from the newest checkpoint in ``out_dir`` when ``resume``), then save the
-    adapter and the tokenizer there. Returns the train output and the checkpoint resumed from."""
+    adapter (checked by :func:`check_adapter`) and the tokenizer there, from rank 0 only. Returns
+    the train output and the checkpoint resumed from."""
     checkpoint = last_checkpoint(out_dir) if resume else None
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
+    if trainer.is_fsdp_enabled:  # sharded checkpoints: the adapter file needs the full state dict
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(out_dir))  # on every rank (a collective under FSDP / ZeRO-3); rank 0 writes
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out_dir))
+        if (Path(out_dir) / "adapter_config.json").exists():
+            check_adapter(out_dir)
+    trainer.accelerator.wait_for_everyone()
     return result, checkpoint
 
 

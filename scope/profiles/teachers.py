@@ -49,6 +49,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from scope.data.statistics import UserStatistics
+from scope.data.tsinghua import category_key
 from scope.io import write_text
 from scope.profiles.constrained import ChatGenerator
 from scope.profiles.prompts import UserPrompt
@@ -94,18 +95,19 @@ class Teacher:
 # (a) The grounded teacher
 # --------------------------------------------------------------------------------------------
 
-INTENT_OF_APP = {
+INTENT_OF_APP = {category_key(name): intent for name, intent in {
     "Utilities": "use phone tools", "Games": "play games", "Entertainment": "watch videos", "News": "read news",
     "Social Networking": "chat with friends", "Shopping": "shop online", "Finance": "manage money",
     "Business": "do work tasks", "Travel": "plan trips", "Lifestyle": "find local services", "Education": "study",
     "Health & Fitness": "track fitness", "Infant & Mom": "care for a child", "Navigation": "navigate",
     "Weather": "check the weather", "Music": "listen to music", "References": "look things up", "Books": "read books",
     "Photo & Video": "share photos", "Sports": "follow sports",
-}
+}.items()}  # keyed by scope.data.tsinghua.category_key, so the real file's spellings match too
 
 
 def _share(stats: UserStatistics, names: tuple[str, ...]) -> float:
-    return sum(stats.app_share.get(n, 0.0) for n in names)
+    keys = {category_key(n) for n in names}
+    return sum(v for c, v in stats.app_share.items() if category_key(c) in keys)
 
 
 def infer_persona(s: UserStatistics) -> tuple[str, str]:
@@ -169,7 +171,7 @@ def grounded_profile(s: UserStatistics) -> Profile:
     apps = [AppPreference(category=c, share_pct=round(100 * v)) for c, v in list(s.app_share.items())[:4]]
     intents = []
     for area, app, _ in s.top_pairs(6):
-        intent = f"{INTENT_OF_APP.get(app, 'use ' + app + ' apps')} at {area.split(' / ')[0].lower()}"
+        intent = f"{INTENT_OF_APP.get(category_key(app), 'use ' + app + ' apps')} at {area.split(' / ')[0].lower()}"
         if intent not in intents:
             intents.append(intent)
     top = list(s.app_share.items())[:2]
@@ -384,6 +386,14 @@ class EndpointTeacher(Teacher):
         done = dict(self.stream(prompts))
         return [done[i] for i in range(len(prompts))]
 
+    def request_body(self, messages: list[dict]) -> dict:
+        """The JSON body :meth:`_request` POSTs for ``messages`` (model, max_tokens, temperature and
+        the schema as ``response_format``): what :func:`batch_request` puts in a batch line."""
+        return {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
+                "temperature": self.temperature,
+                "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "profile", "schema": self.schema, "strict": True}}}
+
 
 # --------------------------------------------------------------------------------------------
 # The cache
@@ -468,3 +478,15 @@ def run_teacher(teacher: Teacher, prompts: Sequence[UserPrompt], cache: TeacherC
         log.warning("teacher %s failed for %d of %d users (first: user %d: %s)", teacher.name, len(failed),
                     len(prompts), failed[0].user_id, failed[0].error)
     return results
+
+
+BATCH_URL = "/v1/chat/completions"   # the ``url`` of every OpenAI Batch request line
+
+
+def batch_request(teacher: EndpointTeacher, prompt: UserPrompt, key: str | None = None) -> dict:
+    """One line of an OpenAI Batch API input file (``vllm run-batch`` reads the same format): the
+    request ``teacher`` would POST for ``prompt``, under ``custom_id`` = its cache key
+    (:meth:`TeacherCache.key` of the teacher's name and the prompt), so that an answer stored under
+    that id is what :func:`run_teacher` finds for the same teacher and prompt."""
+    return {"custom_id": key or TeacherCache.key(teacher.name, prompt), "method": "POST", "url": BATCH_URL,
+            "body": teacher.request_body(prompt.messages)}

@@ -216,7 +216,14 @@ def section_run(run: Run, config_text: str | None) -> Section:
 
 
 def section_cohort(run: Run) -> Section:
+    try:
+        source = read_json(run.output("cohort")).get("source")
+    except Missing:
+        source = None
     s = Section("cohort", "The cohort",
+                f"Your cohort, read in place from {source} through the validating loader and cut into behaviour "
+                "tensors (it has no simulator ground truth, so the per-group figures show all users as one group)."
+                if source else
                 "The embedded default: a seeded simulator writes a cohort of smartphone users (personas such as "
                 "commuter or student) in the real Tsinghua App Usage format, which is read back through the validating "
                 "loader and cut into behaviour tensors.")
@@ -323,8 +330,10 @@ def section_embeddings(run: Run, out_dir: Path) -> tuple[Section, dict]:
     figures: dict = {}
 
     def build(s: Section):
+        import pandas as pd
+
         from scope.data.simulate import read_ground_truth
-        from scope.profiles.embedding import load_user_embeddings
+        from scope.profiles.embedding import PROFILES_FILE, load_user_embeddings
         from scope.run.figures import user_cluster_figure
 
         path = run.output("embed")
@@ -335,14 +344,17 @@ def section_embeddings(run: Run, out_dir: Path) -> tuple[Section, dict]:
         try:
             persona = read_ground_truth(cohort)["persona"]
             labels = [str(persona.get(int(u), "unknown")) for u in users]
-            what = "simulated persona"
-        except FileNotFoundError:
-            labels, what = ["all users"] * len(users), "one group (no ground truth)"
+            what, coloured_by = "simulated persona", "the persona the simulator gave them"
+        except FileNotFoundError:  # a real cohort: colour by the personas the profiles name
+            profiles = pd.read_parquet(path.parent / PROFILES_FILE).set_index("user_id")["profile_json"]
+            labels = [json.loads(profiles[int(u)]).get("persona", "unknown") if int(u) in profiles.index else "unknown"
+                      for u in users]
+            what, coloured_by = "profile persona", "the persona their profile names (no simulator ground truth)"
         figures["user_clusters"] = user_cluster_figure(h, labels, out_dir / "user_clusters.png",
                                                        title=f"h_u of {len(users)} users by {what}")
         s.figure(out_dir / "user_clusters.png",
-                 "User clusters: the users' embeddings projected on their two main directions (PCA), coloured by the "
-                 "persona the simulator gave them; well separated colours mean the profiles capture who the user is "
+                 "User clusters: the users' embeddings projected on their two main directions (PCA), coloured by "
+                 f"{coloured_by}; well separated colours mean the profiles capture who the user is "
                  "(silhouette in the title: 1 = perfectly separated, 0 = no structure).")
     guarded(run, s, "embed", build)
     return s, figures

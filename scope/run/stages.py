@@ -8,7 +8,7 @@ from pathlib import Path
 
 # stage -> (folder under the run folder, the output that marks it done), in the order they run
 STAGES: dict[str, tuple[str, str]] = {
-    "cohort": ("cohort", "App_usage_trace.txt"),
+    "cohort": ("cohort", "cohort.json"),
     "tensors": ("tensors", "dataset.json"),
     "summary": ("summary", "summary.json"),
     "sft": ("sft", "adapter_model.safetensors"),

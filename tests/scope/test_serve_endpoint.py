@@ -4,7 +4,6 @@ trip under schema-constrained decoding, and endpoint down / slow / invalid JSON 
 import json
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -12,24 +11,14 @@ from pathlib import Path
 import pytest
 
 from scope.profiles.schema import generation_schema
+from recipes.serve import launch
 from scope.profiles.teachers import EndpointTeacher
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_server(model_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, str(ROOT / "recipes" / "serve.py"), "--model", str(model_dir),
-                             "--served_model_name", "tiny", "--host", "127.0.0.1", "--port", "0", "--threads", "1", *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("serving "):
-            return proc, line.split(" on ")[1].strip()
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("serve.py did not start")
+    return launch(model_dir, "--served_model_name", "tiny", "--threads", "1", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 
 def stage_args(stage, cohort, cache, out, model_dir, *extra):
     return synthesize.parse([stage, "--cohort_dir", str(cohort), "--teacher_cache_dir", str(cache),
-                             "--simulate_if_missing", "false", "--output_dir", str(out),
+                             "--output_dir", str(out),
                              "--model_name_or_path", str(model_dir), "--max_steps", "1", "--save_steps", "1",
                              "--report_to", "none", "--per_device_train_batch_size", "1", "--max_length", "256",
                              "--generate_users", "3", "--days_per_user", "1", "--shard_users", "1",

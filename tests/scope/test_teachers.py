@@ -75,3 +75,32 @@ def test_teacher_failures_are_reported_never_dropped(small_cohort, tmp_path):
         build_corpus(args, FailingTeacher(), report_dir=tmp_path)
     lines = (tmp_path / "teacher_failures.jsonl").read_text().splitlines()
     assert len(lines) == 40 and json.loads(lines[0])["attempts"] == 3
+
+
+def test_grounded_teacher_reads_the_real_files_category_spellings(small_cohort, tmp_path):
+    """The real Categorys.txt spells the simulator's categories otherwise (Health&Fitness,
+    Social\\_Networking, infant&mom, Weath1er, ...): the same users get the same personas and
+    intents under both spellings."""
+    import shutil
+
+    from scope.data.locations import cluster_locations
+    from scope.data.statistics import cohort_statistics
+    from scope.data.tsinghua import load_cohort
+    from scope.profiles.teachers import grounded_profile
+    from tests.conftest import shared_data
+
+    real = tmp_path / "real_spellings"
+    shutil.copytree(small_cohort, real)
+    shutil.copy(shared_data("tsinghua-meta/Categorys.txt"), real / "Categorys.txt")
+    profiles = {}
+    for name, folder in (("simulated", small_cohort), ("real", real)):
+        cohort = load_cohort(folder)
+        stats = cohort_statistics(cohort.events, cohort.categories, cluster_locations(cohort.base_poi))
+        profiles[name] = {u: grounded_profile(s) for u, s in stats.items()}
+    assert "Health&Fitness" in load_cohort(real).categories
+    for u, simulated in profiles["simulated"].items():
+        assert profiles["real"][u].persona == simulated.persona
+        assert [i.split(" at ")[0] for i in profiles["real"][u].likely_intents] == \
+            [i.split(" at ")[0] for i in simulated.likely_intents]
+    intents = {i.split(" at ")[0] for p in profiles["real"].values() for i in p.likely_intents}
+    assert not any(i.endswith(" apps") for i in intents), intents  # no category fell through to "use X apps"
