@@ -71,6 +71,13 @@ def test_the_main_job_runs_on_your_own_files_and_never_writes_there(tmp_path):
     assert dataset["totals"]["users"] == 14 and "cold" in dataset["splits"]
     page = (run / "report" / "index.html").read_text()
     assert "Your cohort, read in place from" in page and "the persona their profile names" in page
+    # labels the user supplies colour the clusters instead
+    (cohort / "user_labels.csv").write_text("user_id,label\n" + "".join(
+        f"{7000001 + 37 * u},{'group A' if u % 2 else 'group B'}\n" for u in range(14)))
+    args = demo.parse(["--config", "recipes/configs/demo.yaml", "--cohort_dir", str(cohort), "--output_dir", str(run),
+                       "--only", "report", "--quiet", "true"])
+    assert demo.main(args) == 0
+    assert "the labels of user_labels.csv" in (run / "report" / "index.html").read_text()
 
 
 def test_a_missing_cohort_folder_is_an_error_not_a_simulation(tmp_path):

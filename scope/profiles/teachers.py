@@ -38,6 +38,7 @@ import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -110,27 +111,52 @@ def _share(stats: UserStatistics, names: tuple[str, ...]) -> float:
     return sum(v for c, v in stats.app_share.items() if category_key(c) in keys)
 
 
-def infer_persona(s: UserStatistics) -> tuple[str, str]:
-    """A persona label and the evidence for it, by explicit rules over the statistics."""
+@dataclass(frozen=True)
+class PersonaRule:
+    """One persona of the grounded teacher: ``label`` when ``applies(stats)``, with the evidence
+    ``because(stats)`` written into the reasoning."""
+
+    label: str
+    applies: Callable[[UserStatistics], bool]
+    because: Callable[[UserStatistics], str]
+
+
+def _top_area(s: UserStatistics) -> str:
+    return s.places[0].area if s.places else ""
+
+
+# The persona vocabulary, in one place: the first rule that applies names the user, else
+# FALLBACK_PERSONA. App categories are matched by letters (category_key), POI areas by substring.
+# Pass other rules to GroundedTeacher(persona_rules=...) for another vocabulary.
+PERSONA_RULES: tuple[PersonaRule, ...] = (
+    PersonaRule("night-shift worker", lambda s: s.day_part_share["night"] > 0.22,
+                lambda s: f"{s.day_part_share['night']:.0%} of activity is at night"),
+    PersonaRule("traveller",
+                lambda s: _share(s, ("Navigation", "Travel")) > 0.18 or (
+                    "Transportation" in " ".join(s.top_areas(3))
+                    and _share(s, ("Navigation", "Travel", "Photo & Video")) > 0.2),
+                lambda s: f"navigation and travel apps take {_share(s, ('Navigation', 'Travel')):.0%}"),
+    PersonaRule("student", lambda s: _share(s, ("Education", "Games")) > 0.2 or "Education" in _top_area(s),
+                lambda s: f"education and games apps take {_share(s, ('Education', 'Games')):.0%}"),
+    PersonaRule("retiree",
+                lambda s: _share(s, ("News", "Health & Fitness", "Weather", "Books")) > 0.25
+                and s.day_part_share["evening"] < 0.35,
+                lambda s: "news, health and weather apps take "
+                          f"{_share(s, ('News', 'Health & Fitness', 'Weather', 'Books')):.0%}"),
+    PersonaRule("commuter", lambda s: _share(s, ("Business", "Finance")) > 0.1,
+                lambda s: f"business and finance apps take {_share(s, ('Business', 'Finance')):.0%}"),
+)
+FALLBACK_PERSONA = PersonaRule(
+    "homebody", lambda s: True,
+    lambda s: f"{s.places[0].share:.0%} of records are at one place" if s.places else "activity stays local")
+
+
+def infer_persona(s: UserStatistics, rules: Sequence[PersonaRule] = PERSONA_RULES) -> tuple[str, str]:
+    """A persona label and the evidence for it: the first of ``rules`` that applies."""
     if s.empty:
         return "unknown (no history)", "there is no usage history"
-    parts = s.day_part_share
-    areas = " ".join(s.top_areas(3))
-    rules = [
-        (parts["night"] > 0.22, "night-shift worker", f"{parts['night']:.0%} of activity is at night"),
-        (_share(s, ("Navigation", "Travel")) > 0.18 or ("Transportation" in areas and _share(s, ("Navigation", "Travel", "Photo & Video")) > 0.2),
-         "traveller", f"navigation and travel apps take {_share(s, ('Navigation', 'Travel')):.0%}"),
-        (_share(s, ("Education", "Games")) > 0.2 or "Education" in (s.places[0].area if s.places else ""),
-         "student", f"education and games apps take {_share(s, ('Education', 'Games')):.0%}"),
-        (_share(s, ("News", "Health & Fitness", "Weather", "Books")) > 0.25 and parts["evening"] < 0.35,
-         "retiree", f"news, health and weather apps take {_share(s, ('News', 'Health & Fitness', 'Weather', 'Books')):.0%}"),
-        (_share(s, ("Business", "Finance")) > 0.1, "commuter",
-         f"business and finance apps take {_share(s, ('Business', 'Finance')):.0%}"),
-    ]
-    for hit, label, why in rules:
-        if hit:
-            return label, why
-    return "homebody", f"{s.places[0].share:.0%} of records are at one place" if s.places else "activity stays local"
+    rule = next((r for r in rules if r.applies(s)), FALLBACK_PERSONA)
+    return rule.label, rule.because(s)
 
 
 def _role(place, home_rank: int | None) -> str:
@@ -146,9 +172,9 @@ def _role(place, home_rank: int | None) -> str:
     return "other"
 
 
-def grounded_profile(s: UserStatistics) -> Profile:
+def grounded_profile(s: UserStatistics, persona_rules: Sequence[PersonaRule] = PERSONA_RULES) -> Profile:
     """The deterministic profile of one user's statistics (reasoning + profile)."""
-    persona, why = infer_persona(s)
+    persona, why = infer_persona(s, persona_rules)
     if s.empty:
         return Profile(reasoning="No app-usage records were observed, so nothing can be inferred about this user.",
                        persona=persona, app_preferences=[], location_tendencies=[],
@@ -189,14 +215,22 @@ def grounded_profile(s: UserStatistics) -> Profile:
 
 
 class GroundedTeacher(Teacher):
-    """Deterministic teacher computed from the statistics: offline, always available."""
+    """Deterministic teacher computed from the statistics: offline, always available. Other
+    ``persona_rules`` give another persona vocabulary (and, through ``name``, another cache)."""
 
     name = "grounded-v2"
+    persona_rules: tuple[PersonaRule, ...] = PERSONA_RULES
+
+    def __init__(self, persona_rules: Sequence[PersonaRule] | None = None, name: str | None = None):
+        if persona_rules is not None:
+            if name is None:
+                raise ValueError("custom persona_rules need their own teacher name (the cache key)")
+            self.persona_rules, self.name = tuple(persona_rules), name
 
     def generate(self, prompts: Sequence[UserPrompt]) -> list[TeacherResult]:
         out = []
         for p in prompts:
-            profile = grounded_profile(p.stats)
+            profile = grounded_profile(p.stats, self.persona_rules)
             out.append(TeacherResult(p.user_id, profile, profile.to_json()))
         return out
 

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 REPO_ROOT = Path(__file__).resolve().parents[2]   # the folder holding recipes/
 TEMPLATE = "report.html.jinja"
+USER_LABELS_FILE = "user_labels.csv"  # optional, in a cohort folder: user_id,label (e.g. known groups)
 
 
 class Missing(Exception):
@@ -340,16 +341,24 @@ def section_embeddings(run: Run, out_dir: Path) -> tuple[Section, dict]:
         if not path.exists():
             raise Missing(f"{path.name} not found")
         users, h = load_user_embeddings(path)
-        cohort = run.folder("cohort")
         try:
-            persona = read_ground_truth(cohort)["persona"]
-            labels = [str(persona.get(int(u), "unknown")) for u in users]
-            what, coloured_by = "simulated persona", "the persona the simulator gave them"
-        except FileNotFoundError:  # a real cohort: colour by the personas the profiles name
-            profiles = pd.read_parquet(path.parent / PROFILES_FILE).set_index("user_id")["profile_json"]
-            labels = [json.loads(profiles[int(u)]).get("persona", "unknown") if int(u) in profiles.index else "unknown"
-                      for u in users]
-            what, coloured_by = "profile persona", "the persona their profile names (no simulator ground truth)"
+            cohort = Path(read_json(run.output("cohort")).get("source") or run.folder("cohort"))
+        except Missing:
+            cohort = run.folder("cohort")
+        if (cohort / USER_LABELS_FILE).exists():  # labels the user supplied: user_id,label
+            given = pd.read_csv(cohort / USER_LABELS_FILE).set_index("user_id")["label"]
+            labels = [str(given.get(int(u), "unlabelled")) for u in users]
+            what, coloured_by = "your label", f"the labels of {USER_LABELS_FILE}"
+        else:
+            try:
+                persona = read_ground_truth(cohort)["persona"]
+                labels = [str(persona.get(int(u), "unknown")) for u in users]
+                what, coloured_by = "simulated persona", "the persona the simulator gave them"
+            except FileNotFoundError:  # a real cohort: colour by the personas the profiles name
+                profiles = pd.read_parquet(path.parent / PROFILES_FILE).set_index("user_id")["profile_json"]
+                labels = [json.loads(profiles[int(u)]).get("persona", "unknown") if int(u) in profiles.index
+                          else "unknown" for u in users]
+                what, coloured_by = "profile persona", "the persona their profile names (no simulator ground truth)"
         figures["user_clusters"] = user_cluster_figure(h, labels, out_dir / "user_clusters.png",
                                                        title=f"h_u of {len(users)} users by {what}")
         s.figure(out_dir / "user_clusters.png",

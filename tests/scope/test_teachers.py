@@ -104,3 +104,15 @@ def test_grounded_teacher_reads_the_real_files_category_spellings(small_cohort, 
             [i.split(" at ")[0] for i in simulated.likely_intents]
     intents = {i.split(" at ")[0] for p in profiles["real"].values() for i in p.likely_intents}
     assert not any(i.endswith(" apps") for i in intents), intents  # no category fell through to "use X apps"
+
+
+def test_persona_rules_are_one_replaceable_table(corpus):
+    from scope.profiles.teachers import PERSONA_RULES, PersonaRule
+
+    prompts = [corpus.prompts[u] for u in corpus.users()[:6]]
+    assert {r.label for r in PERSONA_RULES} == {"night-shift worker", "traveller", "student", "retiree", "commuter"}
+    everyone = (PersonaRule("phone user", lambda s: True, lambda s: "every user is one"),)
+    custom = GroundedTeacher(persona_rules=everyone, name="grounded-one-persona").generate(prompts)
+    assert {r.profile.persona for r in custom if not prompts[0].stats.empty} <= {"phone user", "unknown (no history)"}
+    with pytest.raises(ValueError, match="their own teacher name"):
+        GroundedTeacher(persona_rules=everyone)
