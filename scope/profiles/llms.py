@@ -322,32 +322,11 @@ def load_model_tokenizer(model_args, training_args=None):
     return load_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=trust)
 
 
-def load_causal_lm(name: str, *, dtype: str | torch.dtype | None = "float32", load_in_4bit: bool = False,
-                   load_in_8bit: bool = False, attn_implementation: str | None = None,
-                   quantization_config=None, device_map=None):
-    """A causal LM by name (callers without a ModelConfig). ``load_in_4bit`` quantizes to NF4 with double
-    quantization (QLoRA; on a GPU, or the CPU with bitsandbytes >= 0.47); a ``quantization_config`` is used as
-    given. Recipes use :func:`load_model`."""
-    from transformers import BitsAndBytesConfig
+def load_causal_lm(name: str, dtype: str | torch.dtype | None = "float32"):
+    """A causal LM by name, unquantized (callers without a ModelConfig); :func:`load_model` does the work."""
+    from trl import ModelConfig
 
-    path = resolve_model(name)
-    dtype = torch_dtype(dtype)
-    kwargs = {"dtype": dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if quantization_config is None and (load_in_4bit or load_in_8bit):
-        compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
-        quantization_config = BitsAndBytesConfig(
-            load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
-    if quantization_config is not None:
-        device = quantized_device()
-        check_bnb_device(device, 4 if quantization_config.load_in_4bit else 8)
-        kwargs["quantization_config"] = quantization_config
-        kwargs["device_map"] = device_map or {"": str(device)}
-    elif device_map is not None:
-        kwargs["device_map"] = device_map
-    return _from_pretrained(name, path, kwargs)
+    return load_model(ModelConfig(model_name_or_path=name, dtype=dtype))
 
 
 def quantized_bits(model) -> int | None:

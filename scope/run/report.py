@@ -23,6 +23,7 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from scope.io import write_json, write_text
+from scope.pituning.evaluate import METRIC_KEYS
 from scope.run.stages import STAGES, stage_folder
 
 log = logging.getLogger(__name__)
@@ -431,7 +432,7 @@ def section_pituning(run: Run) -> Section:
                 "intents irrelevant to a user (unlearning) and is fine-tuned per user; LightGBM on hand-made features is "
                 "the paper's baseline. Weighted (w) and macro (m) precision / recall and NDCG@3/5 over the individual "
                 "users' test points; higher is better.")
-    keys = ["prec_w", "rec_w", "prec_m", "rec_m", "ndcg3", "ndcg5"]
+    keys = list(METRIC_KEYS)
 
     def build(s: Section):
         rows = []
