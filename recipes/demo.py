@@ -7,7 +7,7 @@
     python recipes/demo.py --config recipes/configs/demo.yaml --until summary   # the data stages only (~30 s)
     python recipes/demo.py --config recipes/configs/demo.yaml --list_stages true   # print the stages and their commands
 
-cohort -> tensors -> summary -> sft -> dpo -> evaluate -> synthesis -> embed -> completion -> compare
+cohort -> tensors -> summary -> sft -> dpo -> evaluate -> novelty -> synthesis -> embed -> completion -> compare
 -> pituning -> lightgbm -> report. Each stage is a subprocess running its own recipe with its own
 YAML (recipes/configs/demo_*.yaml), writes under ``<output_dir>/<stage>/`` and records what it
 consumed in ``stage.json``; an up-to-date stage is skipped, so an interrupted run resumes where
@@ -41,6 +41,7 @@ class DemoArguments:
     sft_config: str = "recipes/configs/demo_sft.yaml"
     dpo_config: str = "recipes/configs/demo_dpo.yaml"
     evaluate_config: str = "recipes/configs/demo_evaluate.yaml"
+    novelty_config: str = "recipes/configs/demo_novelty.yaml"
     synthesize_config: str = "recipes/configs/demo_synthesize.yaml"
     embed_config: str = "recipes/configs/demo_embed.yaml"
     complete_config: str = "recipes/configs/demo_complete.yaml"
@@ -116,6 +117,11 @@ def stages(args: DemoArguments, python: str = sys.executable) -> list[Stage]:
               inputs=[cohort, d["sft"], d["dpo"]], needs=["sft", "dpo"],
               outputs=[stage_output(run, "evaluate")],
               description="student evaluation: before SFT / after SFT / after DPO"),
+        Stage("novelty", [recipe("novelty", "--config", args.novelty_config, *profile_data, "--output_dir",
+                                 d["novelty"], "--sft_adapter", d["sft"], "--dpo_adapter", d["dpo"],
+                                 *opt("--threads"))], d["novelty"], configs=[args.novelty_config],
+              inputs=[cohort, d["sft"], d["dpo"]], needs=["sft", "dpo"], outputs=[stage_output(run, "novelty")],
+              description="cold-start / novelty recommendation: the student against popularity, kNN and the teacher"),
         Stage("synthesis", [recipe("synthesize", cmd, "--config", args.synthesize_config, "--cohort_dir", cohort,
                                    "--output_dir", d["synthesis"], *lenient) for cmd in ("train", "generate", "report")],
               d["synthesis"], configs=[args.synthesize_config], inputs=[cohort], needs=["cohort"],
@@ -134,13 +140,15 @@ def stages(args: DemoArguments, python: str = sys.executable) -> list[Stage]:
               d["compare"], configs=[args.complete_config], inputs=[d["tensors"], embeddings, d["completion"]],
               needs=["completion"], outputs=[stage_output(run, "compare")],
               description="short / long / cold-start completion vs baselines"),
-        Stage("pituning", [recipe("pituning", "--config", args.pituning_config, "--output_dir", d["pituning"],
-                                  *opt("--threads"))], d["pituning"], configs=[args.pituning_config],
-              outputs=[stage_output(run, "pituning")], description="PITuning intent prediction"),
-        Stage("lightgbm", [recipe("intent_baselines", "--config", args.pituning_config, "--cohort_dir",
-                                  d["pituning"] / "cohort", "--output_dir", d["lightgbm"])], d["lightgbm"],
-              configs=[args.pituning_config], inputs=[d["pituning"] / "cohort"], needs=["pituning"],
-              outputs=[stage_output(run, "lightgbm")], description="LightGBM intent baselines"),
+        Stage("pituning", [recipe("pituning", "--config", args.pituning_config, "--cohort_dir", cohort, *lenient,
+                                  "--output_dir", d["pituning"], *opt("--threads"))], d["pituning"],
+              configs=[args.pituning_config], inputs=[cohort], needs=["cohort"],
+              outputs=[stage_output(run, "pituning")],
+              description="PITuning intent prediction on the cohort's derived intents"),
+        Stage("lightgbm", [recipe("intent_baselines", "--config", args.pituning_config, "--cohort_dir", cohort,
+                                  *lenient, "--output_dir", d["lightgbm"])], d["lightgbm"],
+              configs=[args.pituning_config], inputs=[cohort], needs=["cohort"],
+              outputs=[stage_output(run, "lightgbm")], description="LightGBM and most-frequent intent baselines"),
         Stage("report", [recipe("report", "--run_dir", run, "--output_dir", d["report"], "--demo_config",
                                 getattr(args, "config_path", "") or "")], d["report"],
               inputs=[d[k] for k in d if k != "report"], outputs=[stage_output(run, "report")], always=True,

@@ -18,16 +18,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config
 
 from scope.cli import parse_config, run_recipe, use_threads
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
-from scope.profiles.dpo import preference_dataset
-from scope.profiles.evaluation import generate_answers, held_out_metrics
+from scope.profiles.dpo import preference_dataset, recommendation_pairs
+from scope.profiles.evaluation import generate, generate_answers, held_out_metrics
 from scope.profiles.llms import LOADER_KEYS, LORA_KEYS, load_model_tokenizer, load_student
+from scope.profiles.novelty import NoveltyTask
+from scope.profiles.prompts import PromptBuilder
 from scope.profiles.sft import set_stop_token, train_and_save, write_model_card
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "dpo_cpu.yaml"
+log = logging.getLogger("recipes.dpo")
 # The trl.ModelConfig keys this recipe honours: the loader's (scope.profiles.llms.load_student) and the LoRA's.
 MODEL_KEYS = LOADER_KEYS + LORA_KEYS
 
@@ -38,6 +42,9 @@ class DPOScriptArguments(ProfileDataArguments):
     negatives: list[str] = field(default_factory=lambda: ["popularity", "other_user"])  # + "student"
     student_negative_users: int = 0               # with "student": sample the SFT student on this many train users
     student_max_new_tokens: int = 512
+    student_negative_cases: int = 0               # with "student_recommendation": sample the SFT student on this many
+    student_temperature: float = 1.0              # ... training cases of the novelty task (on-policy negatives)
+    generation_batch_size: int = 8
     max_grounding: float = 0.67                   # a student sample below this grounding@3 is a negative
     eval_pairs: int = 4                           # held-out (val) pairs scored after training; 0 = skip
     eval_users: int = 2
@@ -73,11 +80,23 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
         answers = generate_answers(model, tokenizer, [corpus.prompts[u] for u in users],
                                    max_new_tokens=script_args.student_max_new_tokens)
         student_answers = dict(zip(users, answers))
-    train = preference_dataset(corpus, script_args.train_splits, script_args.negatives,
+    recommendation_rows = []
+    if "student_recommendation" in script_args.negatives and script_args.student_negative_cases > 0:
+        task, builder = NoveltyTask.build(corpus, script_args, [], script_args.train_splits), PromptBuilder()
+        rng = np.random.default_rng(training_args.seed)
+        picked = sorted(rng.permutation(len(task.train_cases))[: script_args.student_negative_cases])
+        cases = [task.train_cases[i] for i in picked]
+        samples = generate(model, tokenizer, task.prompts(builder, cases), max_new_tokens=script_args.recommend_max_new_tokens,
+                           batch_size=script_args.generation_batch_size, temperature=script_args.student_temperature,
+                           seed=training_args.seed)
+        recommendation_rows = recommendation_pairs(task, builder, {c.key: g.text for c, g in zip(cases, samples)})
+        log.info("on-policy recommendation pairs: %d of %d sampled cases", len(recommendation_rows), len(cases))
+    train = preference_dataset(corpus, script_args.train_splits, [k for k in script_args.negatives if k != "student_recommendation"],
                                student_answers=student_answers, max_grounding=script_args.max_grounding,
-                               seed=training_args.seed)
-    held_out = preference_dataset(corpus, ["val"], [k for k in script_args.negatives if k != "student"],
-                                  seed=training_args.seed) if corpus.profiled("val") and script_args.eval_pairs else None
+                               seed=training_args.seed, recommendation_rows=recommendation_rows)
+    fixed_kinds = [k for k in script_args.negatives if not k.startswith("student")]   # held-out pairs need no sampling
+    held_out = (preference_dataset(corpus, ["val"], fixed_kinds, seed=training_args.seed)
+                if corpus.profiled("val") and script_args.eval_pairs and fixed_kinds else None)
     if held_out is not None:
         held_out = held_out.shuffle(seed=training_args.seed).select(range(min(script_args.eval_pairs, len(held_out))))
 

@@ -3,8 +3,13 @@
     python recipes/evaluate.py                            # CPU default: recipes/configs/evaluate.yaml
 
 Each stage is the base model with a list of adapters (none; SFT; SFT then DPO); metrics are in
-scope/profiles/evaluation.py. Writes ``evaluation.md`` (the table), ``evaluation.json`` and each stage's
-raw answers under ``output_dir``.
+scope/profiles/evaluation.py. Every stage answers twice, greedily: unconstrained (what the student
+learnt) and constrained to the profile schema (what a user gets); each metric carries a bootstrap
+95% CI over users, and the throughput (users/s) of both decodings is logged. Each (stage, decoding)
+pass saves its answers as it ends; a rerun with the same settings reuses them (resume). With both the SFT and
+the DPO stage, ``dpo_effect`` holds the share of answers DPO changed and the paired after-DPO minus
+after-SFT difference of grounding@3 and field agreement, with CIs. Writes ``evaluation.md`` (the
+tables), ``evaluation.json`` and each stage's answers under ``output_dir``.
 """
 
 import json
@@ -16,67 +21,90 @@ from pathlib import Path
 
 from scope.cli import parse_config, run_recipe, use_threads
 from scope.io import write_json, write_text
-from scope.profiles.corpus import ProfileDataArguments, build_corpus
-from scope.profiles.evaluation import evaluate_student, evaluation_table
+from scope.profiles.corpus import build_corpus
+from scope.profiles.evaluation import (HeldOutArguments, changed_share, evaluation_table, generate, paired_difference,
+                                       previous_pass, score_answer, stage_adapters, summarize_with_ci)
 from scope.profiles.llms import load_student, load_tokenizer
+from scope.profiles.schema import generation_schema
 from scope.profiles.sft import set_stop_token
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "evaluate.yaml"
+DECODINGS = ("unconstrained", "constrained")
 log = logging.getLogger("recipes.evaluate")
 
 
 @dataclass
-class EvaluateArguments(ProfileDataArguments):
-    output_dir: str = "runs/uscope/evaluation"
-    model_name_or_path: str = "smollm2-135m-instruct"
-    sft_adapter: str = "runs/uscope/sft"
-    dpo_adapter: str = "runs/uscope/dpo"
-    eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])
-    max_users: int = 8
+class EvaluateArguments(HeldOutArguments):
     max_new_tokens: int = 512
-    batch_size: int = 4
-    stages: list[str] = field(default_factory=lambda: ["before SFT", "after SFT", "after DPO"])
-    threads: int = 0
+    decodings: list[str] = field(default_factory=lambda: list(DECODINGS))
+    constrained_max_chars: int = 400      # cap of every free string under constrained decoding
+    constrained_stages: list[str] | None = None   # stages also decoded constrained (null: every stage)
 
 
 def main(args: EvaluateArguments) -> dict:
     use_threads(args.threads, True)
+    unknown = sorted(set(args.decodings) - set(DECODINGS))
+    if unknown or not args.decodings:
+        raise ValueError(f"decodings {args.decodings}: expected some of {list(DECODINGS)}")
+    adapters = stage_adapters(args.stages, args.sft_adapter, args.dpo_adapter)
     corpus = build_corpus(args, report_dir=args.output_dir)
     users = corpus.profiled(*args.eval_splits)[: args.max_users]
     if not users:
         raise ValueError(f"no held-out users in splits {args.eval_splits}")
     prompts = [corpus.prompts[u] for u in users]
     teacher = [corpus.results[u].profile for u in users]
-    known = {"before SFT": [], "after SFT": [args.sft_adapter], "after DPO": [args.sft_adapter, args.dpo_adapter]}
-    unknown = [s for s in args.stages if s not in known]
-    if unknown:
-        raise ValueError(f"unknown stages {unknown}; expected some of {list(known)}")
+    schema = generation_schema(corpus.cohort.categories, corpus.clusters.names, args.constrained_max_chars)
     tokenizer = load_tokenizer(args.model_name_or_path)
     out = Path(args.output_dir)
-    previous = json.loads((out / "evaluation.json").read_text()) if (out / "evaluation.json").exists() else {}
-    rows = {s: r for s, r in previous.items() if s in known and r.get("user_ids") == users}  # same users: keep
-    for stage in args.stages:
-        adapters = known[stage]
-        start = time.perf_counter()
-        model = load_student(args.model_name_or_path, adapters)
-        set_stop_token(model, tokenizer)
-        summary, scores, answers = evaluate_student(model, tokenizer, prompts, teacher,
-                                                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        rows[stage] = {**summary, "seconds": round(time.perf_counter() - start, 1), "user_ids": users}
-        write_text(out / f"answers_{stage.replace(' ', '_').lower()}.jsonl",
-                   "".join(json.dumps({"user_id": s.user_id, "valid": s.schema_valid, "error": s.error, "answer": a}) + "\n"
-                           for s, a in zip(scores, answers)))
-        log.info("%s: %s", stage, rows[stage])
-    if (out / "evaluation.json").exists():  # rows another run wrote meanwhile (same users) are kept
-        latest = json.loads((out / "evaluation.json").read_text())
-        rows = {**{s: r for s, r in latest.items() if s in known and r.get("user_ids") == users}, **rows}
-    rows = {s: rows[s] for s in known if s in rows}
-    table = evaluation_table(rows)
-    write_text(out / "evaluation.md", f"Held-out users: {len(users)} ({', '.join(args.eval_splits)} splits), "
-                                      f"teacher {corpus.teacher_name}, greedy decoding, max {args.max_new_tokens} new tokens.\n\n{table}\n")
-    write_json(out / "evaluation.json", rows)
-    print(table)
-    return rows
+    constrained_stages = set(args.stages if args.constrained_stages is None else args.constrained_stages)
+    rows, scores, answers = {}, {}, {}
+    for stage, stage_adapter_list in adapters.items():
+        model = None
+        rows[stage] = {"users": len(users), "user_ids": users}
+        for decoding in args.decodings:
+            if decoding == "constrained" and stage not in constrained_stages:
+                continue
+            path = out / f"answers_{stage.replace(' ', '_').lower()}_{decoding}.jsonl"
+            fingerprint = {"users": users, "adapters": stage_adapter_list, "model": args.model_name_or_path,
+                           "max_new_tokens": args.max_new_tokens, "schema": schema if decoding == "constrained" else None}
+            done = previous_pass(path, fingerprint)
+            if done is None:
+                if model is None:
+                    model = load_student(args.model_name_or_path, stage_adapter_list)
+                    set_stop_token(model, tokenizer)
+                start = time.perf_counter()
+                generations = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                       batch_size=args.batch_size, schema=schema if decoding == "constrained" else None)
+                done = {"seconds": time.perf_counter() - start,
+                        "rows": [{"user_id": u, "cut_off": g.cut_off, "answer": g.text} for u, g in zip(users, generations)]}
+                write_json(path.with_suffix(".json"), {"fingerprint": fingerprint, **done})
+            else:
+                log.info("%s, %s: answers reused from %s", stage, decoding, path.with_suffix(".json"))
+            answers[stage, decoding] = [r["answer"] for r in done["rows"]]
+            scores[stage, decoding] = [score_answer(p.user_id, r["answer"], t, p.stats, r["cut_off"])
+                                       for p, r, t in zip(prompts, done["rows"], teacher)]
+            rows[stage][decoding] = {**summarize_with_ci(scores[stage, decoding]), "seconds": round(done["seconds"], 1),
+                                     "users_per_s": round(len(users) / done["seconds"], 3)}
+            write_text(path, "".join(json.dumps({"user_id": s.user_id, "valid": s.schema_valid, "cut_off": s.cut_off,
+                                                 "error": s.error, "answer": a}) + "\n"
+                                     for s, a in zip(scores[stage, decoding], answers[stage, decoding])))
+            log.info("%s, %s: %s", stage, decoding, rows[stage][decoding])
+    result = {"stages": rows, "decodings": list(args.decodings), "teacher": corpus.teacher_name}
+    both = [d for d in args.decodings if ("after SFT", d) in answers and ("after DPO", d) in answers]
+    if both:
+        result["dpo_effect"] = {decoding: {
+            "changed_share": changed_share(answers["after SFT", decoding], answers["after DPO", decoding]),
+            **{metric: paired_difference(scores["after SFT", decoding], scores["after DPO", decoding], metric)
+               for metric in ("grounding@3", "field_agreement", "schema_valid")}} for decoding in both}
+    tables = "\n\n".join(f"**{decoding} decoding** (mean [bootstrap 95% CI]; users/s: "
+                         + ", ".join(f"{s} {r[decoding]['users_per_s']}" for s, r in rows.items() if decoding in r) + ")\n\n"
+                         + evaluation_table({s: {"users": r["users"], **r[decoding]} for s, r in rows.items() if decoding in r})
+                         for decoding in args.decodings)
+    write_text(out / "evaluation.md", f"Held-out users: {len(users)} ({', '.join(args.eval_splits)} splits), teacher "
+                                      f"{corpus.teacher_name}, greedy decoding, max {args.max_new_tokens} new tokens.\n\n{tables}\n")
+    write_json(out / "evaluation.json", result)
+    print(tables)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""LightGBM intent-prediction baselines on the same data and split as a PITuning run (paper Table 2).
+"""Intent-prediction baselines on the same data and split as a PITuning run (paper Table 2, appendix E).
 
     python recipes/intent_baselines.py --config recipes/configs/pituning_cpu.yaml \
-        --cohort_dir runs/pituning/cohort --output_dir runs/pituning/lightgbm
+        --cohort_dir runs/demo/cohort --output_dir runs/pituning/lightgbm
 
-Reads the PITuning recipe's own config (same samples, same individual users, same time-based
-split), fits one LightGBM per individual user (appendix E features) and one pooled LightGBM
-(population + individual training data), and scores both on the pooled test points of the
-individual users with the recipe's metrics. Writes ``lightgbm.json`` and ``results.md``.
+Reads the PITuning recipe's own config (same data source, samples, individual users and time-based
+split) and scores, on the pooled test points of the individual users with the recipe's metrics:
+one LightGBM per individual user and one pooled LightGBM (population + individual training data),
+both with Table 5's settings (:mod:`scope.pituning.baselines`), and each user's most frequent
+intent per time slot. Also the population LightGBM on the held-out population validation users,
+the yardstick of the population model in the PITuning report. Writes ``lightgbm.json`` and
+``results.md``.
 """
 
 import sys
@@ -14,39 +17,39 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes.pituning import DEFAULT_CONFIG, SECTIONS, PITuningRun
+from recipes.pituning import DEFAULT_CONFIG, SECTIONS, SHARED, PITuningRun, load_data
 from scope.cli import parse_sections, run_recipe
 from scope.io import write_json, write_text
-from scope.pituning.baselines import lightgbm_individual, lightgbm_pooled
-from scope.pituning.evaluate import individual_test, results_table, score
-from scope.pituning.stages import prepare_data
+from scope.pituning.baselines import lightgbm_individual, lightgbm_pooled, lightgbm_population, most_frequent_per_slot
+from scope.pituning.evaluate import individual_test, intent_metrics, results_table, score
 
 
 @dataclass
 class IntentBaselineRun(PITuningRun):
     output_dir: str = "runs/pituning/lightgbm"
-    max_population_rows: int = 20000
 
 
 def main(run: IntentBaselineRun, sections: dict) -> dict:
     start = time.perf_counter()
-    seed = sections["samples"].seed
-    data = prepare_data(run.cohort_dir, run.output_dir, sections["cohort"], sections["samples"],
-                        run.max_individual_users, run.progress)
+    data = load_data(run, sections["cohort"], sections["intent_cohort"], sections["derive"], sections["samples"])
     test = individual_test(data)
-    scores, labels, modes = lightgbm_individual(data, seed=seed)
-    rows = {"LightGBM per user": score(scores, labels, data)}
-    pooled_scores, pooled_labels = lightgbm_pooled(data, max_population_rows=run.max_population_rows, seed=seed)
-    rows["LightGBM pooled (population + individual)"] = score(pooled_scores, pooled_labels, data)
-    report = {"metrics": rows, "settings": modes, "test_points": len(test), "individual_users": list(data.individual_users),
+    scores, labels, modes = lightgbm_individual(data)
+    rows = {"LightGBM per user": score(scores, labels, data),
+            "LightGBM pooled (population + individual)": score(lightgbm_pooled(data, test)[0], test.intent, data),
+            "most frequent intent per (user, slot)": score(most_frequent_per_slot(data, test), test.intent, data)}
+    _, held_out = data.population_val_halves()
+    population = intent_metrics(lightgbm_population(data), held_out.intent)
+    report = {"metrics": rows, "settings": modes, "test_points": len(test),
+              "individual_users": list(data.individual_users),
+              "lightgbm_population_val": {k: round(v, 4) for k, v in population.items()},
               "wall_s": round(time.perf_counter() - start, 1)}
     out = Path(run.output_dir)
     write_json(out / "lightgbm.json", report)
-    write_text(out / "results.md", "# LightGBM intent baselines\n\n" + results_table(rows) + "\n")
+    write_text(out / "results.md", "# Intent baselines\n\n" + results_table(rows) + "\n")
     print(results_table(rows))
     return report
 
 
 if __name__ == "__main__":
     sys.exit(run_recipe(main, *parse_sections(SECTIONS, sys.argv[1:], DEFAULT_CONFIG, top=IntentBaselineRun,
-                                              shared=("seed", "individual_fraction"))))
+                                              shared=SHARED)))

@@ -22,6 +22,8 @@ from scope.cli import parse_config, run_recipe, use_threads
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.evaluation import held_out_metrics
 from scope.profiles.llms import LOADER_KEYS, LORA_KEYS, load_model, load_model_tokenizer
+from scope.profiles.novelty import NoveltyTask
+from scope.profiles.prompts import PromptBuilder
 from scope.profiles.sft import set_stop_token, sft_dataset, train_and_save, write_model_card
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft_cpu.yaml"
@@ -48,7 +50,9 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     use_threads(script_args.threads, training_args.use_cpu)
     out = Path(training_args.output_dir)
     corpus = build_corpus(script_args, report_dir=out)
-    train = sft_dataset(corpus, script_args.train_splits)
+    recommendations = (NoveltyTask.build(corpus, script_args, [], script_args.train_splits).teacher_examples(PromptBuilder())
+                       if script_args.recommend_examples else [])
+    train = sft_dataset(corpus, script_args.train_splits, recommendations)
     val = sft_dataset(corpus, ["val"]) if corpus.profiled("val") and training_args.eval_strategy != "no" else None
 
     tokenizer, model = build_model(model_args, training_args)
@@ -57,7 +61,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
                          processing_class=tokenizer, peft_config=get_peft_config(model_args))
     result, resume = train_and_save(trainer, tokenizer, out, script_args.resume)
 
-    metrics = {"train_users": len(train), "val_users": len(val) if val is not None else 0,
+    metrics = {"train_users": len(train) - len(recommendations), "train_recommendations": len(recommendations), "val_users": len(val) if val is not None else 0,
                "teacher": corpus.teacher_name, "teacher_failures": len(corpus.failures()),
                "stop_token": stop, "resumed_from": Path(resume).name if resume else "none", **result.metrics}
     if val is not None:

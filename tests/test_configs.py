@@ -26,6 +26,7 @@ RECIPES = {
     "sft": ("recipes.sft", ["SFTScriptArguments", "trl:SFTConfig", "trl:ModelConfig"]),
     "dpo": ("recipes.dpo", ["DPOScriptArguments", "trl:DPOConfig", "trl:ModelConfig"]),
     "evaluate": ("recipes.evaluate", ["EvaluateArguments"]),
+    "novelty": ("recipes.novelty", ["NoveltyArguments"]),
     "embed": ("recipes.embed", ["EmbedArguments"]),
     "synthesize": ("recipes.synthesize", ["scope.synthesis.generation:SynthesisArguments", "trl:SFTConfig", "trl:ModelConfig"]),
     "complete": ("recipes.complete", None),

@@ -175,7 +175,7 @@ def test_demo_stages_and_command_line():
     args = parse(["--config", "recipes/configs/demo.yaml", "--from", "dpo", "--output_dir", "/tmp/x"])
     assert args.from_stage == "dpo" and args.output_dir == "/tmp/x"
     pipeline = stages(args)
-    assert [s.name for s in pipeline] == ["cohort", "tensors", "summary", "sft", "dpo", "evaluate", "synthesis", "embed",
+    assert [s.name for s in pipeline] == ["cohort", "tensors", "summary", "sft", "dpo", "evaluate", "novelty", "synthesis", "embed",
                                           "completion", "compare", "pituning", "lightgbm", "report"]
     by_name = {s.name: s for s in pipeline}
     assert all(str(s.folder).startswith("/tmp/x/") for s in pipeline)

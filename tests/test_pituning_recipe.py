@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes import pituning
+from recipes import intent_baselines, pituning
+from scope.cli import parse_sections
 from scope.pituning.evaluate import METRIC_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,7 @@ def test_every_pituning_config_parses_into_its_dataclass(name):
     cfg = pituning.parse(["--config", str(ROOT / "recipes" / "configs" / name)])
     assert cfg.distillation.alpha == 0.5 and cfg.distillation.temperature == 1.0 and \
         cfg.distillation.student.layers == 4 and cfg.samples.history == 30
+    assert cfg.run.data == "tsinghua" and cfg.samples.train_fraction == 0.6 and cfg.samples.val_fraction == 0.1
 
 
 def test_no_arguments_means_the_cpu_default():
@@ -43,9 +45,14 @@ def test_the_recipe_runs_every_stage_and_resumes(tmp_path):
                                       "distilled student (no individual tuning)", "PITuning"}
     for metrics in report["metrics"].values():
         assert set(METRIC_KEYS) <= set(metrics) and len(metrics["rare_recall"]) == 3
-    assert report["student_ms_per_prediction"] > 0 and report["student_params"] > 0
+    assert set(report["student_ms_per_prediction"]) == {"eager", "onnx", "onnx_int8"} and report["student_params"] > 0
+    assert all(v > 0 for v in report["student_ms_per_prediction"].values())
+    assert report["onnx_top1_agreement"]["fp32"] == 1.0 and report["onnx_top1_agreement"]["int8"] >= 0.9
+    assert 0 < report["onnx_file_mb"]["int8"] < report["onnx_file_mb"]["fp32"]
+    assert report["data"]["cohort"]["rows_without_poi"] == 0 and "skipped_users" in report["data"]
+    assert set(report["teacher_population_val"]) == set(METRIC_KEYS)
     users = sorted((tmp_path / "run" / "users").glob("user-*/student.safetensors"))
-    assert len(users) == 3
+    assert len(users) == 3 and all((u.parent / "student.int8.onnx").exists() for u in users)
     for name in ("report.json", "results.md", "data_summary.json", "population/model.safetensors",
                  "student/model.safetensors"):
         assert (tmp_path / "run" / name).exists()
@@ -64,6 +71,24 @@ def test_the_command_line_entry_point(tmp_path):
     assert "PITuning w/o unlearning" in done.stdout
     report = json.loads((tmp_path / "cli" / "report.json").read_text())
     assert report["config"]["individual"]["unlearning"] is False
+
+
+def test_the_intent_simulator_stays_a_second_data_source(tmp_path):
+    cfg = pituning.parse(TINY + ["--output_dir", str(tmp_path / "intents"), "--data", "intents",
+                                 "--intent_cohort.n_users", "24", "--intent_cohort.days", "5"])
+    data = pituning.load_data(cfg.run, cfg.cohort, cfg.intent_cohort, cfg.derive, cfg.samples)
+    assert data.n_intents == 18 and (tmp_path / "intents" / "cohort" / "intent_trace.txt").exists()
+
+
+def test_the_lightgbm_stage_reads_the_same_derived_data(tmp_path):
+    run, sections = parse_sections(pituning.SECTIONS, TINY + ["--output_dir", str(tmp_path / "lgb")],
+                                   pituning.DEFAULT_CONFIG, top=intent_baselines.IntentBaselineRun,
+                                   shared=pituning.SHARED)
+    intent_baselines.main(run, sections)
+    report = json.loads((tmp_path / "lgb" / "lightgbm.json").read_text())
+    assert set(report["metrics"]) == {"LightGBM per user", "LightGBM pooled (population + individual)",
+                                      "most frequent intent per (user, slot)"}
+    assert set(report["settings"]) <= {"small_data", "table5", "constant"} and len(report["individual_users"]) == 3
 
 
 def test_an_unknown_key_is_named(tmp_path):

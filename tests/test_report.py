@@ -35,7 +35,7 @@ def dump(path, obj):
 def run(tmp_path):
     """A run folder as recipes/demo.py leaves it; synthesis failed, embed was never run."""
     root = tmp_path / "run"
-    stages = ["cohort", "summary", "sft", "dpo", "evaluate", "synthesis", "embed", "completion", "compare",
+    stages = ["cohort", "summary", "sft", "dpo", "evaluate", "novelty", "synthesis", "embed", "completion", "compare",
               "pituning", "lightgbm"]
     folders = {"evaluate": "evaluation", "embed": "embeddings"}
     status = {s: "done" for s in stages} | {"synthesis": "failed", "embed": "not run"}
@@ -53,9 +53,20 @@ def run(tmp_path):
                                               "groups": {"commuter": 57, "student": 43}, "split_users": {"train": 149}})
     for name in ("activity_by_group", "apps_by_group", "example_tensor"):
         png(root / "summary" / f"{name}.png")
+    ci = lambda m: {"mean": m, "ci95": [m / 2, min(1.0, m * 1.5)]}
+    metrics = lambda v: {"users_per_s": 0.25, "cut_off": 0, "schema_valid": ci(v), "field_agreement": ci(v / 2),
+                         "grounding@3": ci(v / 2)}
     dump(root / "evaluation" / "evaluation.json", {
-        stage: {"users": 2, "schema_valid": v, "grounding@3": v / 2, "user_ids": [1, 2]}
-        for stage, v in (("before SFT", 0.0), ("after SFT", 0.5), ("after DPO", 1.0))})
+        "decodings": ["unconstrained", "constrained"], "teacher": "grounded-v2",
+        "stages": {stage: {"users": 2, "user_ids": [1, 2], "unconstrained": metrics(v), "constrained": metrics(1.0)}
+                   for stage, v in (("before SFT", 0.0), ("after SFT", 0.5), ("after DPO", 1.0))},
+        "dpo_effect": {"unconstrained": {"changed_share": 0.35, "grounding@3": ci(0.06), "field_agreement": ci(0.01)}}})
+    hits = {f"{t}_hit@3": ci(0.5) for t in ("apps", "places", "intents")}
+    dump(root / "novelty" / "novelty.json", {
+        "users": 2, "cases": 4, "cuts": ["first_days", "removed"], "excluded": {"no_targets": 1},
+        "decoding": "constrained", "dpo_effect": {"changed_share": 0.5, "mean_hit@3": ci(0.125)},
+        "methods": {name: {"cases": 4, **hits, "mean_hit@3": ci(v)}
+                    for name, v in (("popularity", 0.61), ("kNN (statistics)", 0.7), ("student after DPO", 0.7321))}})
     dump(root / "dpo" / "metrics.json", {"pairs": 50, "train_reward_accuracy": 0.75, "train_reward_margin": 0.42})
     dump(root / "sft" / "metrics.json", {"train_users": 149, "train_loss": 1.23})
     dump(root / "compare" / "comparison.json", {"headline": "short: best is U-MASK + DiT (0.9871)", "tasks": {
@@ -75,7 +86,8 @@ def test_report_shows_every_result_and_says_why_one_is_missing(run, tmp_path):
     path = build_report(run, run / "report", title="fixture run")
     page = path.read_text()
     assert page.startswith("<!DOCTYPE html>") and "fixture run" in page
-    for text in ("What was run", "after DPO", "0.9871", "In short: short: best is U-MASK + DiT", "LightGBM per user",
+    for text in ("What was run", "after DPO", "0.9871", "constrained decoding", "35% of the held-out answers changed",
+                 "kNN (statistics)", "0.732 [0.37, 1.00]", "+0.125 [+0.06, +0.19]", "In short: short: best is U-MASK + DiT", "LightGBM per user",
                  "0.147", "0.75", "Short-term prediction", "Cold-start", "880,703", "abc123", "User clusters", "Masks per task"):
         assert text in page, text
     # the failed stage and the stage that never ran are labelled boxes with their reason, not a crash

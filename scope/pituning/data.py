@@ -13,16 +13,30 @@ a base station, a time and an event, labelled with the intent of the session it 
   semantics when present.
 
 Every line is validated; the first bad one raises :class:`scope.data.events.DataError` naming file,
-line and field.
+line and field (an unknown intent or event, a station missing from ``base_poi.txt``, ...); a
+lenient read skips bad lines and counts them by field.
 
 The simulated default cohort comes from :mod:`scope.pituning.simulate`.
 
+Intents derived from Tsinghua-format traces (the default data) come from :mod:`scope.pituning.derive`.
+
 **Samples**: a *prediction point* is an event that starts a session (its intent differs from the
-previous event's, or more than ``session_gap_minutes`` passed). Its input is the ``history``
-(default 30) events before it, plus a query token carrying the point's own location, weekday and
-time slot (the phone knows where and when it is asked; the event itself is unknown); the label is
-its intent. Users are *population* or *individual* by a seeded hash of their id (disjoint, as in
-the paper); each individual user's points are split by time into train / val / test.
+previous event's, or more than ``session_gap_minutes`` passed); for derived traces
+(``IntentCohort.next_record``) every record is one. Its input is the ``history`` (default 30)
+events before it, plus a query token carrying the point's weekday and time slot and, for
+sessions, its location (the phone knows where and when it is asked; the event itself is
+unknown; a derived record's station is its label, so there the query's location is hidden). The
+label is its intent. Users are *population* or *individual* by a seeded hash of their id
+(disjoint, as in the paper); each individual user's points are split by time into train / val /
+test. A user with fewer than ``history + min_points`` events is skipped and counted
+(``IntentData.skipped_users``).
+
+**Intents absent from the individual users**: the vocabulary is every intent of the cohort, so
+the population model and every student score all of them; an intent no individual user has is
+never a test label, so it enters the macro metrics only where a model predicts it (precision 0,
+scikit-learn's convention), and the long-tail recall (:func:`scope.pituning.evaluate.rarest_intents`)
+is taken over the rarest population intents that the individual test points contain. The
+intents concerned are listed in ``IntentData.summary()["intents_absent_from_individuals"]``.
 """
 
 from __future__ import annotations
@@ -85,81 +99,96 @@ class IntentCohort:
     events_vocab: list[str]
     events: pd.DataFrame            # user_id, seconds (since 1970), base_station_id, event, intent
     base_poi: pd.DataFrame | None
+    next_record: bool = False       # every record is a prediction point, its station hidden (derived traces)
+    counts: dict = field(default_factory=dict)   # what reading / deriving skipped or kept
 
     @property
     def user_ids(self) -> np.ndarray:
         return self.events["user_id"].unique()
 
 
-def read_intent_trace(path: str | Path, intents: list[str], events_vocab: list[str]) -> pd.DataFrame:
-    """``intent_trace.txt`` -> events frame; the first bad line raises a :class:`DataError`."""
+def _intent_line(raw: bytes, path: Path, line_no: int, intent_id: dict, event_id: dict) -> tuple[int, ...]:
+    """One validated ``intent_trace.txt`` line -> (user, stamp, station, event id, intent id)."""
+    try:
+        parts = raw.decode("utf-8").split()
+    except UnicodeDecodeError as err:
+        raise DataError(path, line_no, None, f"byte {raw[err.start]:#04x} is not valid UTF-8") from None
+    if not parts:
+        raise DataError(path, line_no, None, f"blank line; expected `{TRACE_FORMAT}`")
+    if len(parts) != 5:
+        raise DataError(path, line_no, None, f"expected 5 space-separated fields `{TRACE_FORMAT}`, found {len(parts)}")
+    u, stamp, station, event, intent = parts
+    for name, value in (("user_id", u), ("timestamp", stamp), ("base_station_id", station)):
+        if not value.isdigit():
+            raise DataError(path, line_no, name, f"expected a non-negative integer, found {value!r}")
+    if event not in event_id:
+        raise DataError(path, line_no, "event", f"{event!r} is not listed in {EVENTS_FILE}")
+    if intent not in intent_id:
+        raise DataError(path, line_no, "intent", f"{intent!r} is not listed in {INTENTS_FILE}")
+    return int(u), int(stamp), int(station), event_id[event], intent_id[intent]
+
+
+def read_intent_trace(path: str | Path, intents: list[str], events_vocab: list[str], lenient: bool = False
+                      ) -> tuple[pd.DataFrame, dict[str, int]]:
+    """``intent_trace.txt`` -> (events frame, skipped lines per bad field). The first bad line raises a
+    :class:`DataError`; ``lenient`` skips bad lines (counted by field: ``intent``, ``event``, ...) instead."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, None, None, "file not found")
     intent_id = {n: i for i, n in enumerate(intents)}
     event_id = {n: i for i, n in enumerate(events_vocab)}
-    users, stamps, stations, events, labels = [], [], [], [], []
+    rows, skipped = [], {}
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, 1):
             try:
-                parts = raw.decode("utf-8").split()
-            except UnicodeDecodeError as err:
-                raise DataError(path, line_no, None, f"byte {raw[err.start]:#04x} is not valid UTF-8") from None
-            if not parts:
-                raise DataError(path, line_no, None, f"blank line; expected `{TRACE_FORMAT}`")
-            if len(parts) != 5:
-                raise DataError(path, line_no, None, f"expected 5 space-separated fields `{TRACE_FORMAT}`, found {len(parts)}")
-            u, stamp, station, event, intent = parts
-            for name, value in (("user_id", u), ("timestamp", stamp), ("base_station_id", station)):
-                if not value.isdigit():
-                    raise DataError(path, line_no, name, f"expected a non-negative integer, found {value!r}")
-            if event not in event_id:
-                raise DataError(path, line_no, "event", f"{event!r} is not listed in {EVENTS_FILE}")
-            if intent not in intent_id:
-                raise DataError(path, line_no, "intent", f"{intent!r} is not listed in {INTENTS_FILE}")
-            users.append(int(u))
-            stamps.append(int(stamp))
-            stations.append(int(station))
-            events.append(event_id[event])
-            labels.append(intent_id[intent])
+                rows.append((line_no, *_intent_line(raw, path, line_no, intent_id, event_id)))
+            except DataError as err:
+                if not lenient:
+                    raise
+                skipped[err.field or "line"] = skipped.get(err.field or "line", 0) + 1
+    lines, users, stamps, stations, events, labels = (list(c) for c in zip(*rows)) if rows else ([], [], [], [], [], [])
     if not users:
         raise DataError(path, None, None, f"file is empty; expected lines `{TRACE_FORMAT}`")
     seconds, valid = decode_timestamps(np.array(stamps, np.int64))
     if not valid.all():
         i = int(np.flatnonzero(~valid)[0])
-        raise DataError(path, i + 1, "timestamp", f"expected a valid yyyymmddhhmmss time, found {stamps[i]}")
+        raise DataError(path, lines[i], "timestamp", f"expected a valid yyyymmddhhmmss time, found {stamps[i]}")
     frame = pd.DataFrame({"user_id": np.array(users, np.int64), "seconds": seconds,
                           "base_station_id": np.array(stations, np.int64),
-                          "event": np.array(events, np.int64), "intent": np.array(labels, np.int64)})
+                          "event": np.array(events, np.int64), "intent": np.array(labels, np.int64),
+                          "line": np.array(lines, np.int64)})
     user = frame["user_id"].to_numpy()
     new_user = np.r_[True, user[1:] != user[:-1]]
     regrouped = pd.Series(user[new_user]).duplicated().to_numpy()
     if regrouped.any():
         i = int(np.flatnonzero(new_user)[np.flatnonzero(regrouped)[0]])
-        raise DataError(path, i + 1, "user_id", f"user {user[i]} reappears after other users (rows must be grouped by user_id)")
+        raise DataError(path, lines[i], "user_id", f"user {user[i]} reappears after other users (rows must be grouped by user_id)")
     backwards = ~new_user & (seconds < np.r_[seconds[:1], seconds[:-1]])
     if backwards.any():
         i = int(np.flatnonzero(backwards)[0])
-        raise DataError(path, i + 1, "timestamp", f"time {stamps[i]} is earlier than the previous row's {stamps[i - 1]} "
+        raise DataError(path, lines[i], "timestamp", f"time {stamps[i]} is earlier than the previous row's {stamps[i - 1]} "
                         "(rows must be sorted by time within a user)")
-    return frame
+    return frame, skipped
 
 
-def load_intent_cohort(directory: str | Path) -> IntentCohort:
-    """Read and validate an intent cohort directory (see the module docstring for the files)."""
+def load_intent_cohort(directory: str | Path, lenient: bool = False) -> IntentCohort:
+    """Read and validate an intent cohort directory (see the module docstring for the files); ``lenient``
+    skips bad trace lines and counts them (``IntentCohort.counts["skipped_lines"]``)."""
     directory = Path(directory)
     intents = read_vocabulary(directory / INTENTS_FILE)
     events_vocab = read_vocabulary(directory / EVENTS_FILE)
-    events = read_intent_trace(directory / INTENT_TRACE_FILE, intents, events_vocab)
+    events, skipped = read_intent_trace(directory / INTENT_TRACE_FILE, intents, events_vocab, lenient)
     base_poi = read_base_poi(directory / BASE_POI_FILE) if (directory / BASE_POI_FILE).exists() else None
-    if base_poi is not None:
+    if base_poi is not None:   # a station must have a POI profile: named, or skipped and counted
         unknown = ~np.isin(events["base_station_id"].to_numpy(), base_poi.index.to_numpy())
-        if unknown.any():
+        if unknown.any() and not lenient:
             i = int(np.flatnonzero(unknown)[0])
-            raise DataError(directory / INTENT_TRACE_FILE, i + 1, "base_station_id",
+            raise DataError(directory / INTENT_TRACE_FILE, int(events["line"].iat[i]), "base_station_id",
                             f"base station {events['base_station_id'].iat[i]} is not listed in {BASE_POI_FILE}")
-    return IntentCohort(directory, intents, events_vocab, events, base_poi)
-
+        if unknown.any():
+            skipped["base_station_id"] = skipped.get("base_station_id", 0) + int(unknown.sum())
+            events = events[~unknown].reset_index(drop=True)
+    return IntentCohort(directory, intents, events_vocab, events, base_poi, counts={"skipped_lines": skipped})
 
 
 def is_individual(user_ids, fraction: float, seed: int = 0) -> np.ndarray:
@@ -187,6 +216,7 @@ class SampleConfig:
     train_fraction: float = 0.6       # time-based split of each individual user's points
     val_fraction: float = 0.2
     population_val_fraction: float = 0.1   # last share of each population user's points (model selection)
+    min_points: int = 5               # a user needs history + min_points events, else it is skipped and counted
     seed: int = 0
 
 
@@ -246,6 +276,8 @@ class IntentData:
     config: SampleConfig
     population_users: list[int] = field(default_factory=list)
     individual_users: list[int] = field(default_factory=list)
+    skipped_users: int = 0                         # fewer than history + min_points events
+    counts: dict = field(default_factory=dict)     # the cohort's read / derivation counts
 
     @property
     def n_intents(self) -> int:
@@ -255,11 +287,21 @@ class IntentData:
         return {"location": self.n_locations, "cluster": self.n_clusters, "weekday": 7, "slot": self.n_slots,
                 "event": self.n_events}
 
+    def population_val_halves(self) -> tuple[IntentSamples, IntentSamples]:
+        """The population validation points of the first / second half of the population users: models
+        are selected (early stopping, checkpoints) on the first and compared on the second."""
+        users = self.population_val.user
+        first = torch.isin(users, torch.tensor(self.population_users[: len(self.population_users) // 2]))
+        return self.population_val[first], self.population_val[~first]
+
     def population_intent_counts(self) -> np.ndarray:
         return np.bincount(self.population_train.intent.numpy(), minlength=self.n_intents)
 
     def summary(self) -> dict:
+        individual = torch.cat([s.intent for s in self.individual.values() if s is not None]).unique().tolist()
         return {"population_users": len(self.population_users), "individual_users": len(self.individual_users),
+                "skipped_users": self.skipped_users, "cohort": self.counts,
+                "intents_absent_from_individuals": [n for i, n in enumerate(self.intents) if i not in individual],
                 "population_train": len(self.population_train), "population_val": len(self.population_val),
                 **{f"individual_{k}": len(v) for k, v in self.individual.items()},
                 "intents": self.n_intents, "event_vocab": self.n_events,
@@ -290,11 +332,13 @@ def build_samples(cohort: IntentCohort, cfg: SampleConfig, *, progress: bool = F
     n_slots = 24 * 60 // cfg.slot_minutes
     individual = set(cohort.user_ids[is_individual(cohort.user_ids, cfg.individual_fraction, cfg.seed)].tolist())
     buckets: dict[str, list[IntentSamples]] = {k: [] for k in ("pop_train", "pop_val", "train", "val", "test")}
+    skipped = 0
     for user_id, ev in tqdm(cohort.events.groupby("user_id", sort=False), desc="featurizing users",
                             disable=not progress, unit="user"):
-        points = prediction_points(ev, cfg.session_gap_minutes)
+        points = np.arange(len(ev)) if cohort.next_record else prediction_points(ev, cfg.session_gap_minutes)
         points = points[points >= L]
-        if len(points) < 5:
+        if len(points) < cfg.min_points:
+            skipped += 1
             continue
         is_ind = user_id in individual
         split = _time_split(len(points), cfg.train_fraction, cfg.val_fraction) if is_ind else \
@@ -315,6 +359,9 @@ def build_samples(cohort: IntentCohort, cfg: SampleConfig, *, progress: bool = F
         feats = {"location": location[windows], "cluster": cluster[windows], "weekday": weekday[windows],
                  "slot": slot[windows], "event": event[windows].copy()}
         feats["event"][:, -1] = QUERY
+        if cohort.next_record:   # the record's station is its label: the query does not know it
+            feats["location"][:, -1] = 0
+            feats["cluster"][:, -1] = 0
         samples = IntentSamples(
             *(torch.from_numpy(feats[f].astype(np.int16 if f != "event" else np.int32)) for f in FEATURES),
             intent=torch.from_numpy(ev["intent"].to_numpy()[points]),
@@ -325,8 +372,8 @@ def build_samples(cohort: IntentCohort, cfg: SampleConfig, *, progress: bool = F
             buckets[name].append(samples[torch.from_numpy(split == code)])
     empty = lambda parts: IntentSamples.concat(parts) if parts else None  # noqa: E731
     if not buckets["pop_train"] or not buckets["train"]:
-        raise ValueError(f"{cohort.directory}: need both population and individual users with >= {L + 5} events "
-                         f"(individual_fraction={cfg.individual_fraction})")
+        raise ValueError(f"{cohort.directory}: need both population and individual users with >= {L + cfg.min_points} "
+                         f"events (individual_fraction={cfg.individual_fraction}; {skipped} user(s) had fewer)")
     return IntentData(
         population_train=empty(buckets["pop_train"]), population_val=empty(buckets["pop_val"]),
         individual={k: empty(buckets[k]) for k in ("train", "val", "test")},
@@ -334,4 +381,5 @@ def build_samples(cohort: IntentCohort, cfg: SampleConfig, *, progress: bool = F
         n_locations=cfg.location_ranks + 2, n_clusters=(cfg.location_clusters + 1) if clusters is not None else 1,
         n_slots=n_slots, config=cfg,
         population_users=sorted({int(s.user[0]) for s in buckets["pop_train"]}),
-        individual_users=sorted({int(s.user[0]) for s in buckets["train"]}))
+        individual_users=sorted({int(s.user[0]) for s in buckets["train"]}), skipped_users=skipped,
+        counts=dict(cohort.counts))

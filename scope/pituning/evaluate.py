@@ -54,8 +54,11 @@ def intent_metrics(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (3, 5))
 
 
 def rarest_intents(data: IntentData, k: int = 3) -> list[int]:
-    """The ``k`` intents with the fewest population training samples (paper Fig. 8's long tail)."""
-    return np.argsort(data.population_intent_counts(), kind="stable")[:k].tolist()
+    """The ``k`` intents with the fewest population training samples among those the evaluated individual
+    users' test points contain (paper Fig. 8's long tail; recall is undefined for the others)."""
+    present = set(individual_test(data).intent.unique().tolist())
+    order = np.argsort(data.population_intent_counts(), kind="stable")
+    return [int(i) for i in order if int(i) in present][:k]
 
 
 def score(scores: torch.Tensor, labels: torch.Tensor, data: IntentData) -> dict:

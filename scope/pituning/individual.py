@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -178,6 +178,8 @@ class UserResult:
     user_id: int
     logits: Tensor                    # test logits [n_test, N_I]
     labels: Tensor
+    val_logits: Tensor                # validation logits [n_val, N_I] (calibration)
+    val_labels: Tensor
     forgotten: list[str]
     static: list[str]
     dynamic: list[str]
@@ -203,8 +205,8 @@ def tune_individual(user_id: int, student: IntentPredictor, population_logits: T
         path = str(Path(export_dir) / f"user-{user_id}" / "student.safetensors")
         export_student(model, path, {"user_id": user_id, "forgotten": _names(forgotten, data.intents)})
     names = lambda m: _names(m, data.intents)  # noqa: E731
-    return UserResult(user_id, predict(model, test), test.intent, names(forgotten), names(static), names(dynamic),
-                      steps, path)
+    return UserResult(user_id, predict(model, test), test.intent, predict(model, val), val.intent, names(forgotten),
+                      names(static), names(dynamic), steps, path)
 
 
 def _names(mask: Tensor, intents: list[str]) -> list[str]:
@@ -228,3 +230,25 @@ def tune_individuals(student: IntentPredictor, data: IntentData, cfg: Individual
         torch.manual_seed(cfg.seed + user_id)
         results.append(tune_individual(user_id, student, population_logits[rows], data, cfg, export_dir))
     return results
+
+
+def calibrate_unlearning(student: IntentPredictor, data: IntentData, cfg: IndividualConfig, eps_grid: list[float],
+                         lambda_grid: list[float], metric=None) -> tuple[IndividualConfig, list[dict]]:
+    """The forgetting threshold ``eps`` (Eq. 8) and ``lambda`` (Eq. 11) chosen on the individual users'
+    *validation* points: each pair tunes every user, ``metric(logits, labels)`` (default: the mean of
+    macro precision and recall, the long-tail measures) scores the pooled validation predictions;
+    returns ``cfg`` with the best pair and one row per pair."""
+    from scope.pituning.evaluate import precision_recall
+    if metric is None:
+        def metric(logits: Tensor, labels: Tensor) -> float:
+            m = precision_recall(labels, logits.argmax(1))
+            return (m["prec_m"] + m["rec_m"]) / 2
+    rows = []
+    for eps in eps_grid:
+        for lam in lambda_grid:
+            trial = replace(cfg, unlearning=True, forget_eps=eps, unlearn_lambda=lam)
+            results = tune_individuals(student, data, trial, progress=False)
+            value = metric(torch.cat([r.val_logits for r in results]), torch.cat([r.val_labels for r in results]))
+            rows.append({"forget_eps": eps, "unlearn_lambda": lam, "val_score": round(value, 4)})
+    best = max(rows, key=lambda r: r["val_score"])
+    return replace(cfg, forget_eps=best["forget_eps"], unlearn_lambda=best["unlearn_lambda"]), rows

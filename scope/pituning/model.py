@@ -250,6 +250,7 @@ class PredictorConfig:
     head_hidden: int = 256
     dropout: float = 0.1
     reconstruction: bool = True       # keep the Eq. 5 event-reconstruction head
+    iat: bool = True                  # Eq. 3 intent-aware attention (False: the head reads the query state alone)
 
 
 class IntentPredictor(nn.Module):
@@ -262,7 +263,7 @@ class IntentPredictor(nn.Module):
         hidden = self.lm.config.hidden_size
         self.embed = EventEmbedding(vocab, cfg.embed_dim, hidden)
         self.drop = nn.Dropout(cfg.dropout)
-        self.iat = IntentAwareAttention(n_intents, hidden, cfg.attention_dim)
+        self.iat = IntentAwareAttention(n_intents, hidden, cfg.attention_dim) if cfg.iat else None
         self.head = IntentHead(n_intents, hidden, cfg.head_hidden, cfg.dropout)
         self.reconstruct = nn.Linear(hidden, vocab["event"]) if cfg.reconstruction else None
 
@@ -272,8 +273,9 @@ class IntentPredictor(nn.Module):
 
     def forward(self, x: dict[str, Tensor], return_hidden: bool = False):
         H = self.encode(x)
-        C, _ = self.iat(H)
-        logits = self.head(C, H[:, -1])
+        h_query = H[:, -1]
+        C = self.iat(H)[0] if self.iat is not None else h_query[:, None].expand(-1, self.n_intents, -1)
+        logits = self.head(C, h_query)
         return (logits, H) if return_hidden else logits
 
     def num_parameters(self) -> int:

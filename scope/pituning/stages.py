@@ -1,4 +1,4 @@
-"""PITuning's stages as library functions (paper section 3, Fig. 2): read or simulate the data,
+"""PITuning's stages as library functions (paper section 3, Fig. 2): read (or simulate) the data,
 tune the population model (Eq. 1-5), distil it into the on-device student (Eq. 6-7). The
 individual level is :func:`scope.pituning.individual.tune_individuals`. Each stage writes its
 model atomically under its output folder and returns the saved one when it exists; inside a
@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
+from scope.data.simulate import CohortConfig, simulate_cohort
+from scope.data.tsinghua import TRACE_FILE
 from scope.pituning.data import INTENT_TRACE_FILE, IntentData, SampleConfig, build_samples, load_intent_cohort
+from scope.pituning.derive import DeriveConfig, load_derived_cohort
 from scope.pituning.export import export_student, load_weights
 from scope.pituning.losses import distill_loss, population_loss
 from scope.pituning.model import IntentPredictor, PredictorConfig, StudentConfig, student_config
@@ -37,14 +40,31 @@ class DistillationConfig(StageConfig):
     temperature: float = 1.0
 
 
-def prepare_data(cohort_dir: str | Path | None, output_dir: str | Path, cohort: IntentCohortConfig,
-                 samples: SampleConfig, max_individual_users: int | None = None, progress: bool = True) -> IntentData:
-    """Read ``cohort_dir`` through the validating reader (or simulate into ``output_dir/cohort`` when
-    it is None) and featurize; keep the first ``max_individual_users`` individual users."""
+DATA_SOURCES = ("tsinghua", "intents")
+
+
+def prepare_data(source: str, cohort_dir: str | Path | None, output_dir: str | Path,
+                 simulation: CohortConfig | IntentCohortConfig, derive: DeriveConfig, samples: SampleConfig,
+                 max_individual_users: int | None = None, progress: bool = True) -> IntentData:
+    """Read ``cohort_dir`` and featurize; keep the first ``max_individual_users`` individual users.
+
+    ``source``: ``tsinghua`` (a Tsinghua-format cohort, intents derived by
+    :mod:`scope.pituning.derive`; the default) or ``intents`` (an intent-format directory of
+    :mod:`scope.pituning.data`); ``derive.lenient`` skips and counts bad input of either. Without ``cohort_dir``, ``simulation`` (``CohortConfig`` /
+    ``IntentCohortConfig``) is simulated once into ``output_dir/cohort``.
+    """
+    if source not in DATA_SOURCES:
+        raise ValueError(f"data must be one of {DATA_SOURCES}, got {source!r}")
     directory = Path(cohort_dir) if cohort_dir else Path(output_dir) / "cohort"
-    if cohort_dir is None and not (directory / INTENT_TRACE_FILE).exists():
-        simulate_intent_cohort(cohort, directory, progress=progress)
-    data = build_samples(load_intent_cohort(directory), samples)
+    if source == "tsinghua":
+        if cohort_dir is None and not (directory / TRACE_FILE).exists():
+            simulate_cohort(simulation, directory, progress=progress)
+        cohort = load_derived_cohort(directory, derive, progress)
+    else:
+        if cohort_dir is None and not (directory / INTENT_TRACE_FILE).exists():
+            simulate_intent_cohort(simulation, directory, progress=progress)
+        cohort = load_intent_cohort(directory, derive.lenient)
+    data = build_samples(cohort, samples, progress=progress)
     if max_individual_users is not None:   # evaluate the first k individual users only
         data.individual_users = data.individual_users[:max_individual_users]
         keep = torch.tensor(data.individual_users)

@@ -18,6 +18,26 @@ class ChatOutput:
     completion_tokens: int
 
 
+_PROCESSORS: OrderedDict[tuple, object] = OrderedDict()
+
+
+def compiled_processor(model, tokenizer, schema: dict, keep: int = 16):
+    """The ``outlines`` logits processor of a JSON schema, compiled once per tokenizer: compiling a
+    large schema's index takes tens of seconds, and it depends on the vocabulary only, so the stages
+    of an evaluation (base, SFT, DPO) share it. The schema is compiled as given: its property order
+    is the order the answer is written in (the reasoning first)."""
+    from outlines import Generator
+    from outlines.types import JsonSchema
+
+    key = (tokenizer.name_or_path, len(tokenizer), json.dumps(schema))
+    if key not in _PROCESSORS:
+        _PROCESSORS[key] = Generator(model, JsonSchema(schema)).logits_processor
+        if len(_PROCESSORS) > keep:
+            _PROCESSORS.popitem(last=False)
+    _PROCESSORS.move_to_end(key)
+    return _PROCESSORS[key]
+
+
 class ChatGenerator:
     """``generate(messages, max_new_tokens, schema, temperature)`` for one model and tokenizer.
 
@@ -30,16 +50,17 @@ class ChatGenerator:
         self._generators: OrderedDict[str, object] = OrderedDict()
 
     def constrained(self, schema: dict):
-        """The compiled ``outlines`` generator of ``schema``."""
-        key = json.dumps(schema, sort_keys=True)
+        """An ``outlines`` generator of ``schema`` for this model; the compiled logits processor is
+        shared by every model with the same tokenizer (:func:`compiled_processor`)."""
+        key = json.dumps(schema)   # property order matters: it is the order of the answer
         if key in self._generators:
             self._generators.move_to_end(key)
         else:
             import outlines
-            from outlines.types import JsonSchema
+            from outlines.generator import SteerableGenerator
 
-            self._generators[key] = outlines.Generator(outlines.from_transformers(self.model, self.tokenizer),
-                                                       JsonSchema(schema))
+            model = outlines.from_transformers(self.model, self.tokenizer)
+            self._generators[key] = SteerableGenerator.from_processor(model, compiled_processor(model, self.tokenizer, schema))
             if len(self._generators) > self.max_schemas:
                 self._generators.popitem(last=False)
         return self._generators[key]

@@ -23,6 +23,7 @@ from scope.data.splits import SPLITS, UserSplitter
 from scope.data.statistics import UserStatistics, cohort_statistics, population_statistics
 from scope.data.tsinghua import TRACE_FILE, Cohort, load_cohort
 from scope.io import write_text
+from scope.profiles.novelty import NoveltyConfig
 from scope.profiles.prompts import PromptBuilder, UserPrompt
 from scope.profiles.teachers import EndpointTeacher, GroundedTeacher, Teacher, TeacherCache, TeacherResult, run_teacher
 
@@ -34,8 +35,9 @@ class TeacherFailure(RuntimeError):
 
 
 @dataclass
-class ProfileDataArguments:
-    """Where the users come from and which teacher profiles them (shared by the U-SCOPE recipes)."""
+class ProfileDataArguments(NoveltyConfig):
+    """Where the users come from and which teacher profiles them (shared by the U-SCOPE recipes), and
+    how their histories are cut for the novelty task (the :class:`NoveltyConfig` keys)."""
 
     cohort_dir: str | None = None              # your Tsinghua-format folder (must exist); null: the embedded default
     simulated_cohort_dir: str = "runs/uscope/cohort"  # where the embedded default is simulated (once)

@@ -21,6 +21,8 @@ from scope.data.statistics import UserStatistics
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
 SYSTEM_TEMPLATE = "profile_system.jinja"
 USER_TEMPLATE = "profile_user.jinja"
+RECOMMEND_SYSTEM_TEMPLATE = "recommend_system.jinja"
+RECOMMEND_USER_TEMPLATE = "recommend_user.jinja"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,19 @@ class PromptBuilder:
         self.env.filters["pct"] = _pct
         self.system = self.env.get_template(SYSTEM_TEMPLATE).render().strip()
         self.user_template = self.env.get_template(USER_TEMPLATE)
+        self.recommend_system = self.env.get_template(RECOMMEND_SYSTEM_TEMPLATE).render().strip()
+        self.recommend_template = self.env.get_template(RECOMMEND_USER_TEMPLATE)
 
     def __call__(self, stats: UserStatistics) -> UserPrompt:
         return UserPrompt(stats.user_id, self.system, self.user_template.render(s=stats).strip(), stats)
+
+    def recommendation(self, stats: UserStatistics, seen: dict[str, list[str]], vocabulary) -> UserPrompt:
+        """The novelty-recommendation turn (:mod:`scope.profiles.novelty`): the visible history's
+        statistics, the items already used and the candidate names."""
+        by_kind: dict[str, list[str]] = {}
+        for intent in seen["intents"]:
+            activity, kind = intent.split(" at ", 1)
+            by_kind.setdefault(kind, []).append(activity)
+        text = self.recommend_template.render(s=stats, seen=seen, seen_intents=sorted(by_kind.items()),
+                                              vocab=vocabulary).strip()
+        return UserPrompt(stats.user_id, self.recommend_system, text, stats)

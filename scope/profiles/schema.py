@@ -93,8 +93,8 @@ class ProfileError(ValueError):
     """A teacher or student output that is not a valid profile (with the reason)."""
 
 
-def parse_profile(text: str) -> Profile:
-    """Parse a model's answer: the first JSON object in ``text``, validated against :class:`Profile`."""
+def parse_answer(text: str, model: type[BaseModel]):
+    """Parse a model's answer: the first JSON object in ``text``, validated against ``model``."""
     start = text.find("{")
     if start < 0:
         raise ProfileError("no JSON object in the output")
@@ -103,10 +103,15 @@ def parse_profile(text: str) -> Profile:
     except json.JSONDecodeError as err:
         raise ProfileError(f"invalid JSON: {err}") from None
     try:
-        return Profile.model_validate(obj)
+        return model.model_validate(obj)
     except ValidationError as err:
         first = err.errors()[0]
         raise ProfileError(f"schema violation at {'.'.join(map(str, first['loc'])) or '(root)'}: {first['msg']}") from None
+
+
+def parse_profile(text: str) -> Profile:
+    """Parse a model's answer as a :class:`Profile`."""
+    return parse_answer(text, Profile)
 
 
 def profile_json_schema() -> dict:

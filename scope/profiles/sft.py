@@ -37,15 +37,19 @@ def chat_example(prompt, profile_json: str, user_id: int) -> dict:
     return {"prompt": prompt.messages, "completion": [{"role": "assistant", "content": profile_json}], "user_id": user_id}
 
 
-def sft_dataset(corpus: ProfileCorpus, splits: list[str] | tuple[str, ...] = ("train",)) -> Dataset:
+def sft_dataset(corpus: ProfileCorpus, splits: list[str] | tuple[str, ...] = ("train",),
+                recommendations: list[tuple] = ()) -> Dataset:
     """Prompt-completion chat examples of the users of ``splits`` that have a teacher profile (with
-    ``train``, also the corpus's ``synthetic`` users: ``ProfileDataArguments.synthetic_ratio``)."""
+    ``train``, also the corpus's ``synthetic`` users: ``ProfileDataArguments.synthetic_ratio``), then
+    the teacher's ``recommendations`` ((prompt, answer JSON) of the novelty task,
+    :meth:`scope.profiles.novelty.NoveltyTask.teacher_examples`); column ``task`` tells them apart."""
     users = corpus.profiled(*splits)
     if "train" in splits and "synthetic" not in splits:   # augmentation: synthetic users join train only
         users += corpus.profiled("synthetic")
     if not users:
         raise ValueError(f"no profiled users in splits {list(splits)}: the cohort is too small or the teacher failed")
-    rows = [chat_example(corpus.prompts[u], corpus.results[u].profile.to_json(), u) for u in users]
+    rows = [{**chat_example(corpus.prompts[u], corpus.results[u].profile.to_json(), u), "task": "profile"} for u in users]
+    rows += [{**chat_example(prompt, answer, prompt.user_id), "task": "recommend"} for prompt, answer in recommendations]
     return Dataset.from_list(rows)
 
 

@@ -106,6 +106,12 @@ INTENT_OF_APP = {category_key(name): intent for name, intent in {
 }.items()}  # keyed by scope.data.tsinghua.category_key, so the real file's spellings match too
 
 
+def intent_of(app: str, area: str) -> str:
+    """The intent label of a record: the activity of its app category at the kind of place of its
+    POI-cluster area (the first name of the area, lower case), e.g. ``watch videos at residential``."""
+    return f"{INTENT_OF_APP.get(category_key(app), 'use ' + app + ' apps')} at {area.split(' / ')[0].lower()}"
+
+
 def _share(stats: UserStatistics, names: tuple[str, ...]) -> float:
     keys = {category_key(n) for n in names}
     return sum(v for c, v in stats.app_share.items() if category_key(c) in keys)
@@ -197,7 +203,7 @@ def grounded_profile(s: UserStatistics, persona_rules: Sequence[PersonaRule] = P
     apps = [AppPreference(category=c, share_pct=round(100 * v)) for c, v in list(s.app_share.items())[:4]]
     intents = []
     for area, app, _ in s.top_pairs(6):
-        intent = f"{INTENT_OF_APP.get(category_key(app), 'use ' + app + ' apps')} at {area.split(' / ')[0].lower()}"
+        intent = intent_of(app, area)
         if intent not in intents:
             intents.append(intent)
     top = list(s.app_share.items())[:2]

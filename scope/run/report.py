@@ -253,19 +253,49 @@ def section_cohort(run: Run) -> Section:
     return guarded(run, s, "summary", build)
 
 
+def _with_ci(value: dict, signed: bool = False) -> str:
+    """``{"mean", "ci95"}`` as ``0.812 [0.70, 0.91]``."""
+    sign = "+" if signed else ""
+    return f"{value['mean']:{sign}.3f} [{value['ci95'][0]:{sign}.2f}, {value['ci95'][1]:{sign}.2f}]"
+
+
 def section_student(run: Run) -> Section:
     s = Section("student", "U-SCOPE: the profile student (SFT, DPO)",
                 "A small language model (the student) learns to answer a user's usage statistics with reasoning and a "
                 "structured profile; it is distilled from a teacher (SFT) and then aligned with preference pairs (DPO).")
 
     def build_eval(s: Section):
-        rows = read_json(run.output("evaluate"))
-        order = ["before SFT", "after SFT", "after DPO"]
-        table = [{"student": name, **{k: v for k, v in rows[name].items() if k != "user_ids"}}
-                 for name in order if name in rows]
-        s.table(table, "Student evaluation on held-out users: share of answers that are a valid profile "
-                       "(schema_valid), agreement of its fields with the teacher's, and whether its top-3 apps and "
-                       "places are the user's real top-3 (grounding@3); higher is better.", first="student")
+        result = read_json(run.output("evaluate"))
+        rows = result["stages"]
+        for decoding in result["decodings"]:
+            table = [{"student": name, "users": r["users"], "users/s": r[decoding]["users_per_s"],
+                      "cut off": r[decoding]["cut_off"],
+                      **{k: _with_ci(r[decoding][k]) for k in ("schema_valid", "field_agreement", "grounding@3")}}
+                     for name, r in rows.items()]
+            s.table(table, f"Student evaluation on held-out users, {decoding} decoding (mean [bootstrap 95% CI]): "
+                           "share of answers that are a valid profile (schema_valid), agreement of its fields with the "
+                           "teacher's, and whether its top-3 apps and places are the user's real top-3 (grounding@3); "
+                           "higher is better." + (" Constrained decoding is what a user gets." if decoding == "constrained"
+                                                  else " Unconstrained decoding is what the student learnt."),
+                    first="student")
+        for decoding, effect in result.get("dpo_effect", {}).items():
+            s.text(f"DPO effect ({decoding}): {effect['changed_share']:.0%} of the held-out answers changed; "
+                   f"after DPO minus after SFT, grounding@3 {_with_ci(effect['grounding@3'], signed=True)}, "
+                   f"field agreement {_with_ci(effect['field_agreement'], signed=True)}.")
+
+    def build_novelty(s: Section):
+        result = read_json(run.output("novelty"))
+        cols = ("apps_hit@3", "places_hit@3", "intents_hit@3", "mean_hit@3")
+        s.table([{"method": name, "cases": m["cases"], **{c: _with_ci(m[c]) for c in cols}}
+                 for name, m in result["methods"].items()],
+                f"Cold-start / novelty recommendation (paper section 7.5): {result['cases']} cases of {result['users']} "
+                f"held-out users (cuts: {', '.join(result['cuts'])}; excluded {result['excluded']}). hit@3 = one of the "
+                "3 recommended app categories / places / intents the user had not used is taken up in the hidden part; "
+                f"mean [bootstrap 95% CI]; the student decodes {result['decoding']}.", first="method")
+        if "dpo_effect" in result:
+            effect = result["dpo_effect"]
+            s.text(f"DPO effect on recommendations: {effect['changed_share']:.0%} of the answers changed; after DPO "
+                   f"minus after SFT, mean hit@3 {_with_ci(effect['mean_hit@3'], signed=True)}.")
 
     def build_dpo(s: Section):
         m = read_json(run.folder("dpo") / "metrics.json")
@@ -284,6 +314,7 @@ def section_student(run: Run) -> Section:
                 first="metric")
 
     guarded(run, s, "evaluate", build_eval)
+    guarded(run, s, "novelty", build_novelty)
     guarded(run, s, "dpo", build_dpo)
     guarded(run, s, "sft", build_sft)
     return s
@@ -446,8 +477,13 @@ def section_pituning(run: Run) -> Section:
                       ("done", "skipped", "recorded") else "lightgbm.json not found")
         s.table(rows, "PITuning and its intermediate models against LightGBM per user and pooled.",
                 columns=["method", *keys], first="method")
-        s.text(f"Student: {fmt(report.get('student_params'))} parameters, {fmt(report.get('student_file_mb'))} MB per user, "
-               f"{fmt(report.get('student_ms_per_prediction'))} ms per prediction on CPU.")
+        ms = report.get("student_ms_per_prediction") or {}
+        agree = report.get("onnx_top1_agreement") or {}
+        s.text(f"Student: {fmt(report.get('student_params'))} parameters, {fmt(report.get('student_file_mb'))} MB per user; "
+               f"ms per prediction on one CPU thread: eager PyTorch {fmt(ms.get('eager'))}, ONNX Runtime "
+               f"{fmt(ms.get('onnx'))}, int8 {fmt(ms.get('onnx_int8'))}; top-1 agreement with eager: ONNX "
+               f"{fmt(agree.get('fp32'))}, int8 {fmt(agree.get('int8'))}. Population model on the held-out population "
+               f"validation users: prec_m {fmt((report.get('teacher_population_val') or {}).get('prec_m'))}.")
     return guarded(run, s, "pituning", build)
 
 

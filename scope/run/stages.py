@@ -14,6 +14,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "sft": ("sft", "adapter_model.safetensors"),
     "dpo": ("dpo", "adapter_model.safetensors"),
     "evaluate": ("evaluation", "evaluation.json"),
+    "novelty": ("novelty", "novelty.json"),
     "synthesis": ("synthesis", "report/fidelity.json"),
     "embed": ("embeddings", "user_embeddings.safetensors"),
     "completion": ("completion", "eval_tensors_test.json"),

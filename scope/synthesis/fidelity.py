@@ -25,10 +25,15 @@ users the synthetic users were conditioned on):
   (what the trace LM and its constraint cost on their own);
 - ``joint_*``: the same agreement on the joint (app category, POI category) distribution, a
   milder reading of Eq. 26 dominated by the marginals (reported beside, never instead).
+
+The matrices are computed from per-user sums (:class:`CorrelationSums`), so a bootstrap over users
+(:func:`bootstrap_pearson`) rescores any resample of the users without touching the records again:
+the intervals of ``benchmarks/synthesis.py`` (a synthetic week against the same users' real weeks).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -81,25 +86,82 @@ def agreement(reference, estimate) -> dict[str, float]:
             "mae": float(err.abs().mean()), "rmse": float(err.pow(2).mean().sqrt())}
 
 
+@dataclass(frozen=True)
+class CorrelationSums:
+    """Per-user sufficient statistics of Eq. 26's ``Corr(a, p)`` over records: the number of records
+    ``n`` [U], app-category counts [U, A], and the POI shares summed per app category ``xy``
+    [U, A, P], overall ``y`` [U, P] and squared ``y2`` [U, P]. Any weighting of the users (a
+    bootstrap resample) gives the correlation of the pooled records without touching them again."""
 
-def app_poi_correlation(events: pd.DataFrame, base_poi: pd.DataFrame, n_categories: int) -> np.ndarray:
-    """Eq. 26: ``[A, P]`` Pearson correlation over records of app-category indicators and POI shares."""
-    if not len(events):
-        return np.full((n_categories, base_poi.shape[1]), np.nan)
+    users: np.ndarray
+    n: np.ndarray
+    counts: np.ndarray
+    xy: np.ndarray
+    y: np.ndarray
+    y2: np.ndarray
+
+    def correlation(self, weights: np.ndarray | None = None) -> np.ndarray:
+        """``[A, P]`` correlation of the records of every user, user ``i`` counted ``weights[i]`` times."""
+        w = np.ones(len(self.users)) if weights is None else np.asarray(weights, np.float64)
+        n = float(w @ self.n)
+        if n <= 0:
+            return np.full(self.counts.shape[1:] + self.y.shape[1:], np.nan)
+        x_mean = (w @ self.counts) / n                                                      # [A]
+        y_mean = (w @ self.y) / n                                                           # [P]
+        cov = np.tensordot(w, self.xy, axes=1) / n - x_mean[:, None] * y_mean[None, :]
+        y_sd = np.sqrt(np.maximum((w @ self.y2) / n - y_mean**2, 0.0))
+        sd = np.sqrt(x_mean * (1 - x_mean))[:, None] * y_sd[None, :]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            corr = np.where(sd > 0, cov / np.where(sd > 0, sd, 1), np.nan)
+        corr[x_mean == 0] = np.nan
+        return corr
+
+
+def correlation_sums(events: pd.DataFrame, base_poi: pd.DataFrame, n_categories: int,
+                     users: np.ndarray | None = None) -> CorrelationSums:
+    """:class:`CorrelationSums` of ``users`` (default: every user of ``events``, sorted); a user
+    without records gets zeros."""
+    users = np.unique(events["user_id"].to_numpy()) if users is None else np.asarray(users)
     poi = pd.DataFrame(poi_proportions(base_poi), index=base_poi.index)
     y = poi.reindex(events["location_id"].to_numpy()).fillna(0.0).to_numpy()            # [N, P]
     a = events["app_category"].to_numpy(np.int64)
-    n = len(a)
-    x_mean = np.bincount(a, minlength=n_categories) / n                                   # [A]
-    y_mean = y.mean(0)                                                                     # [P]
-    xy = np.zeros((n_categories, y.shape[1]))
-    np.add.at(xy, a, y)
-    cov = xy / n - x_mean[:, None] * y_mean[None, :]
-    sd = np.sqrt(x_mean * (1 - x_mean))[:, None] * y.std(0)[None, :]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        corr = np.where(sd > 0, cov / np.where(sd > 0, sd, 1), np.nan)
-    corr[x_mean == 0] = np.nan
-    return corr
+    u = pd.Index(users).get_indexer(events["user_id"].to_numpy())
+    keep = u >= 0
+    y, a, u = y[keep], a[keep], u[keep]
+    n_u, n_p = len(users), y.shape[1]
+    counts = np.zeros((n_u, n_categories))
+    np.add.at(counts, (u, a), 1)
+    xy = np.zeros((n_u, n_categories, n_p))
+    np.add.at(xy, (u, a), y)
+    y_sum, y2_sum = np.zeros((n_u, n_p)), np.zeros((n_u, n_p))
+    np.add.at(y_sum, u, y)
+    np.add.at(y2_sum, u, y**2)
+    return CorrelationSums(users, counts.sum(1), counts, xy, y_sum, y2_sum)
+
+
+def app_poi_correlation(events: pd.DataFrame, base_poi: pd.DataFrame, n_categories: int) -> np.ndarray:
+    """Eq. 26: ``[A, P]`` Pearson correlation over records of app-category indicators and POI shares."""
+    return correlation_sums(events.assign(user_id=0), base_poi, n_categories).correlation()
+
+
+def bootstrap_pearson(sums: dict[str, CorrelationSums], pairs: dict[str, tuple[str, str]], *, n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, np.ndarray]:
+    """Eq. 26 agreement (Pearson r of two ``Corr(a, p)`` matrices, on the entries finite in both) of
+    each named pair of cohorts, for ``n_boot`` resamples of the users with replacement. Every cohort
+    of ``sums`` must hold the same users in the same order (a synthetic user under its source's id):
+    one resample weights them all, so the pairs are paired and their ratios have intervals too."""
+    users = next(iter(sums.values())).users
+    if any(not np.array_equal(s.users, users) for s in sums.values()):
+        raise ValueError("bootstrap_pearson needs the same users, in the same order, in every cohort")
+    rng = np.random.default_rng(seed)
+    out = {name: np.empty(n_boot) for name in pairs}
+    for b in range(n_boot):
+        weights = np.bincount(rng.integers(0, len(users), len(users)), minlength=len(users))
+        corr = {name: s.correlation(weights) for name, s in sums.items()}
+        for name, (x, y) in pairs.items():
+            keep = np.isfinite(corr[x]) & np.isfinite(corr[y])
+            out[name][b] = agreement(corr[x][keep], corr[y][keep])["pearson_r"] if keep.sum() >= 2 else np.nan
+    return out
 
 
 def joint_app_poi(events: pd.DataFrame, base_poi: pd.DataFrame, n_categories: int) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""DPO (Eq. 27): preference triplets of each kind, and one real DPOTrainer step on top of an SFT
-adapter with the adapter-disabled model as reference."""
+"""DPO (Eq. 27): preference triplets of each kind (on-policy recommendation pairs included), and one
+real DPOTrainer step on top of an SFT adapter with the adapter-disabled model as reference."""
 
 import json
 
@@ -39,8 +39,10 @@ def test_one_real_dpo_step_on_the_sft_adapter(small_cohort, tiny_model_dir, tmp_
     sft = tmp_path / "sft"
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(sft)
-    script = dpo_recipe.DPOScriptArguments(**vars(data_args(small_cohort, tmp_path / "cache")), sft_adapter=str(sft),
-                                           eval_pairs=2, eval_users=1, eval_max_new_tokens=8, threads=1)
+    script = dpo_recipe.DPOScriptArguments(**vars(data_args(small_cohort, tmp_path / "cache", recommend_max_new_tokens=8)),
+                                           sft_adapter=str(sft), eval_pairs=2, eval_users=1, eval_max_new_tokens=8,
+                                           threads=1, negatives=["popularity", "other_user", "student_recommendation"],
+                                           student_negative_cases=2)
     training = DPOConfig(output_dir=str(tmp_path / "dpo"), use_cpu=True, bf16=False, gradient_checkpointing=False,
                          max_steps=1, per_device_train_batch_size=1, per_device_eval_batch_size=1, beta=0.2,
                          max_length=1024, logging_steps=1, save_steps=1, report_to="none", seed=0)
@@ -48,6 +50,7 @@ def test_one_real_dpo_step_on_the_sft_adapter(small_cohort, tiny_model_dir, tmp_
                         lora_target_modules=["q_proj", "v_proj"], lora_task_type="CAUSAL_LM")
     metrics = dpo_recipe.main(script, training, model)
     assert metrics["beta"] == 0.2 and metrics["pairs"] > 0
+    assert metrics["pairs_by_kind"]["student_recommendation"] == 2   # 8 random tokens never beat the teacher
     assert metrics["train_reward_accuracy"] is not None and metrics["train_reward_margin"] is not None
     assert metrics["heldout_reward_accuracy"] is not None and "student_grounding@3" in metrics
     assert (tmp_path / "dpo" / "adapter_model.safetensors").exists()

@@ -1,12 +1,12 @@
-"""Fidelity scores (scope.synthesis.fidelity, Eq. 26) against direct computations."""
+"""Fidelity scores (scope.synthesis.fidelity, Eq. 26) against direct computations, and the user bootstrap."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from scope.data.simulate import APP_CATEGORIES
-from scope.synthesis.fidelity import (app_poi_correlation, compare, fidelity_report, next_category_accuracy,
-                                      next_category_xy)
+from scope.synthesis.fidelity import (app_poi_correlation, bootstrap_pearson, compare, correlation_sums, fidelity_report,
+                                      next_category_accuracy, next_category_xy)
 from scope.synthesis.traces import TraceGrammar, windows_from_events
 
 GRAMMAR = TraceGrammar(APP_CATEGORIES, 3, 30)
@@ -66,3 +66,37 @@ def test_report_writes_json_and_figures(tmp_path):
     assert summary["tstr_accuracy"] == summary["trtr_accuracy"] and summary["note"] == 1
     for name in ("fidelity.json", "corr_difference.png", "corr_scatter.png", "distributions.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_per_user_sums_rebuild_the_pooled_correlation_and_weight_users():
+    events, base_poi = cohort(5)
+    n_a = len(APP_CATEGORIES)
+    sums = correlation_sums(events, base_poi, n_a)
+    assert sums.users.tolist() == [1, 2] and sums.n.tolist() == [200, 200]
+    np.testing.assert_allclose(sums.correlation(), app_poi_correlation(events, base_poi, n_a), atol=1e-12)
+    twice_user_2 = pd.concat([events, events[events["user_id"] == 2]], ignore_index=True)
+    np.testing.assert_allclose(sums.correlation(np.array([0, 2])),                  # only the weights' ratio counts
+                               app_poi_correlation(events[events["user_id"] == 2], base_poi, n_a), atol=1e-12)
+    np.testing.assert_allclose(sums.correlation(np.array([1, 2])), app_poi_correlation(twice_user_2, base_poi, n_a),
+                               atol=1e-12)
+    absent = correlation_sums(events, base_poi, n_a, users=np.array([1, 2, 3]))
+    assert absent.n.tolist() == [200, 200, 0] and np.isnan(absent.correlation(np.array([0, 0, 1]))).all()
+
+
+def test_user_bootstrap_is_paired_deterministic_and_brackets_the_estimate():
+    events, base_poi = cohort(6, n=2000)
+    events = events.assign(user_id=np.tile(np.arange(10), 200))      # 10 users of 200 records
+    n_a = len(APP_CATEGORIES)
+    other, _ = cohort(7, n=2000)
+    other = other.assign(user_id=np.tile(np.arange(10), 200))
+    sums = {"a": correlation_sums(events, base_poi, n_a), "b": correlation_sums(other, base_poi, n_a)}
+    pairs = {"same": ("a", "a"), "other": ("a", "b")}
+    draws = bootstrap_pearson(sums, pairs, n_boot=200, seed=0)
+    np.testing.assert_allclose(draws["same"], 1.0)
+    point = compare(events, other, base_poi, n_a)["pearson_r"]
+    lo, hi = np.quantile(draws["other"], [0.025, 0.975])
+    assert lo <= point <= hi and hi - lo > 0
+    np.testing.assert_array_equal(draws["other"], bootstrap_pearson(sums, pairs, n_boot=200, seed=0)["other"])
+    with pytest.raises(ValueError, match="same users"):
+        bootstrap_pearson({"a": sums["a"], "c": correlation_sums(other[other["user_id"] < 5], base_poi, n_a)},
+                          {"x": ("a", "c")})

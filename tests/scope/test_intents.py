@@ -104,6 +104,25 @@ def test_a_bad_trace_line_is_named(cohort_dir, tmp_path, mutate, field, words):
     assert f"{INTENT_TRACE_FILE}:7:" in str(err.value) and words in str(err.value)
 
 
+def test_lenient_reading_counts_unknown_intents_and_stations_without_poi(cohort_dir, tmp_path):
+    lines = (cohort_dir / INTENT_TRACE_FILE).read_text().splitlines()
+    bad, _ = _corrupt(cohort_dir, tmp_path, 6, " ".join([*lines[6].split()[:4], "sleeping"]))
+    text = (bad / INTENT_TRACE_FILE).read_text().splitlines()
+    parts = text[9].split()
+    text[9] = " ".join([parts[0], parts[1], "987654", *parts[3:]])      # a station absent from base_poi.txt
+    (bad / INTENT_TRACE_FILE).write_text("\n".join(text) + "\n")
+    with pytest.raises(DataError) as err:
+        load_intent_cohort(bad)
+    assert err.value.line == 7 and err.value.field == "intent"
+    cohort = load_intent_cohort(bad, lenient=True)
+    assert cohort.counts["skipped_lines"] == {"intent": 1, "base_station_id": 1}
+    assert len(cohort.events) == len(lines) - 2 and 987654 not in cohort.events["base_station_id"].tolist()
+    (bad / INTENT_TRACE_FILE).write_text("\n".join(text[:6] + text[7:]) + "\n")
+    with pytest.raises(DataError) as err:
+        load_intent_cohort(bad)
+    assert err.value.line == 9 and err.value.field == "base_station_id" and "987654" in str(err.value)
+
+
 def test_unsorted_and_regrouped_traces_are_rejected(cohort_dir, tmp_path):
     lines = (cohort_dir / INTENT_TRACE_FILE).read_text().splitlines()
     swapped = lines[:]

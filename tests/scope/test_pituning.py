@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scope.pituning.baselines import features, fit_predict
+from scope.pituning.baselines import SMALL_DATA_ROWS, features, fit_predict, most_frequent_per_slot
 from scope.pituning.data import MASK, N_SPECIAL, QUERY, SampleConfig, build_samples, load_intent_cohort
-from scope.pituning.export import cpu_latency_ms, export_student, load_student
-from scope.pituning.individual import (IndividualConfig, forgotten_intents, label_share, output_share, tune_individual,
+from scope.pituning.export import (eager_predict_one, export_onnx, export_student, latency_ms, load_student,
+                                   onnx_predict, onnx_predict_one, onnx_session, quantize_int8)
+from scope.pituning.individual import (IndividualConfig, calibrate_unlearning, forgotten_intents, label_share, output_share, tune_individual,
                                        tune_individuals, unlearn, unlearning_loss)
 from scope.pituning.losses import distill_loss, distillation_loss, focal_loss, mask_events, population_loss
 from scope.pituning.model import (BackboneConfig, IntentPredictor, PredictorConfig, build_backbone, student_config,
@@ -251,7 +252,7 @@ def test_individual_tuning_exports_a_loadable_student(data, tmp_path):
     assert result.logits.shape == (len(test), 18) and torch.equal(result.labels, test.intent)
     loaded = load_student(result.path)
     assert torch.allclose(predict(loaded, test), result.logits, atol=1e-5)
-    assert cpu_latency_ms(loaded, test, repeats=3, warmup=1) > 0
+    assert latency_ms(eager_predict_one(loaded), test, repeats=3, warmup=1) > 0
     assert export_student(loaded, tmp_path / "again.safetensors") > 0
 
 
@@ -265,25 +266,80 @@ def test_individual_ablations_run(data, overrides):
     finally:
         data.individual_users = users
     assert len(results) == 2 and all(torch.isfinite(r.logits).all() for r in results)
+    assert all(len(r.val_logits) == len(r.val_labels) > 0 for r in results)
     if not overrides.get("unlearning", True):
         assert all(r.unlearn_steps == 0 for r in results)
+
+
+def test_unlearning_is_calibrated_on_validation_points_only(data):
+    student = tiny(data, BackboneConfig(name="compact", blocks=None, hidden=32, layers=2, heads=2, intermediate=64))
+    data.individual_users, users = data.individual_users[:2], data.individual_users
+    test, data.individual["test"] = data.individual["test"], data.individual["test"][:0]   # no test point is read
+    try:
+        chosen, rows = calibrate_unlearning(student, data, IndividualConfig(epochs=1, unlearn_steps=2),
+                                            eps_grid=[0.01, 0.2], lambda_grid=[1.0], metric=lambda logits, y: -len(y))
+    finally:
+        data.individual_users, data.individual["test"] = users, test
+    assert [(r["forget_eps"], r["unlearn_lambda"]) for r in rows] == [(0.01, 1.0), (0.2, 1.0)]
+    assert chosen.forget_eps == 0.01 and chosen.unlearning   # ties: the first pair of the grid
 
 
 # --------------------------------------------------------------------------------------------
 # LightGBM baseline
 # --------------------------------------------------------------------------------------------
 
-def test_lightgbm_features_and_small_data_fallback(data):
+def test_lightgbm_features_table5_settings_and_small_data_fallback(data):
     train = data.individual["train"].of_user(data.individual_users[0])
-    X, names = features(train, data.n_events)
+    X, names = features(train, data.n_events, data.n_clusters)
     assert X.shape == (len(train), len(names))
     n_types = data.n_events - N_SPECIAL
     assert np.allclose(X[:, names.index("bag_0"):names.index("bag_0") + n_types].sum(1), 30)
-    scores, mode = fit_predict(train[:60], train[60:80], data.n_events, data.n_intents, small_data_rows=300)
-    assert mode == "small_data" and scores.shape == (20, 18)
+    # Eq. 17-18 in records: an event seen last 1 record ago has T_0 = 1; one never seen gets L + 1 = 31
+    last = train.event[:, -2].long() - N_SPECIAL
+    assert (X[np.arange(len(train)), names.index("T0_0") + last.numpy()] == 1).all()
+    assert X[:, names.index("T0_0"):names.index("T0_0") + n_types].max() == 31
+    pool = data.population_train
+    scores, mode = fit_predict(pool[:SMALL_DATA_ROWS - 1], pool[1000:1100], pool[2000:2020], data.n_events,
+                               data.n_clusters, data.n_intents)
+    assert mode == "small_data" and scores.shape == (20, 18) and np.allclose(scores.sum(1), 1)
+    scores, mode = fit_predict(pool[:400], pool[1000:1100], pool[2000:2020], data.n_events, data.n_clusters,
+                               data.n_intents)
+    assert mode == "table5" and scores.shape == (20, 18)
     one = train[train.intent == train.intent[0]]
-    scores, mode = fit_predict(one, train[:5], data.n_events, data.n_intents)
+    scores, mode = fit_predict(one, train[:5], train[:5], data.n_events, data.n_clusters, data.n_intents)
     assert mode == "constant" and (scores.argmax(1) == int(train.intent[0])).all()
+
+
+def test_most_frequent_intent_per_user_and_slot(data):
+    train, test = data.individual["train"], data.individual["test"]
+    scores = most_frequent_per_slot(data, test)
+    row = 0
+    same = (train.user == test.user[row]) & (train.slot[:, -1] == test.slot[row, -1])
+    if same.any():
+        counts = torch.bincount(train.intent[same], minlength=data.n_intents)
+        assert scores[row].argmax() == counts.argmax()
+    assert scores.shape == (len(test), data.n_intents) and (scores.sum(1) > 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX export (a tiny student)
+# --------------------------------------------------------------------------------------------
+
+def test_onnx_export_matches_eager_and_int8_keeps_the_top1(data, tmp_path):
+    student = tiny(data, BackboneConfig(name="compact", blocks=None, hidden=32, layers=2, heads=2, intermediate=64),
+                   reconstruction=False).eval()
+    test = data.individual["test"]
+    size = export_onnx(student, tmp_path / "student.onnx", test)
+    size8 = quantize_int8(tmp_path / "student.onnx", tmp_path / "student.int8.onnx")
+    assert 0 < size8 < size
+    with torch.no_grad():
+        eager = student(test.inputs())
+    fp32 = onnx_predict(onnx_session(tmp_path / "student.onnx"), test, batch_size=7)   # batch is a dynamic axis
+    int8 = onnx_predict(onnx_session(tmp_path / "student.int8.onnx"), test)
+    assert torch.allclose(fp32, eager, atol=1e-4)
+    assert (int8.argmax(1) == eager.argmax(1)).float().mean() >= 0.9
+    assert latency_ms(onnx_predict_one(onnx_session(tmp_path / "student.onnx")), test, repeats=3, warmup=1) > 0
+    assert not student.training   # the export leaves the model in eval mode
 
 
 def test_an_interrupted_stage_resumes_to_the_uninterrupted_result(data, tmp_path):

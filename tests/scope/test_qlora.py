@@ -90,7 +90,8 @@ def dpo_run(sft_run, llama_dir, small_cohort):
     out = sft_run.out.parent / "dpo"
     argv = ["--config", str(CONFIGS / "dpo_llama31_8b_qlora.yaml"), "--model_name_or_path", str(llama_dir),
             *CPU, *sizes(2), *places(out, small_cohort), "--sft_adapter", str(sft_run.out), "--eval_pairs", "0",
-            "--student_negative_users", "1", "--student_max_new_tokens", "8"]
+            "--student_negative_users", "1", "--student_max_new_tokens", "8", "--student_negative_cases", "2",
+            "--recommend_max_new_tokens", "8"]
     assert model_overrides(argv) == {"model_name_or_path"}
     return run_recipe(dpo_recipe, "DPOTrainer", (dpo_recipe.DPOScriptArguments, DPOConfig, ModelConfig), argv)
 
