@@ -26,7 +26,8 @@ def model_config(path) -> ModelConfig:
 
 def test_chat_dataset_is_prompt_completion(corpus):
     ds = sft_dataset(corpus)
-    assert len(ds) == len(corpus.profiled("train")) and set(ds.column_names) == {"prompt", "completion", "user_id"}
+    assert len(ds) == len(corpus.profiled("train")) and set(ds.column_names) == {"prompt", "completion", "user_id", "task"}
+    assert set(ds["task"]) == {"profile"}
     row = ds[0]
     assert [m["role"] for m in row["prompt"]] == ["system", "user"] and row["completion"][0]["role"] == "assistant"
     assert json.loads(row["completion"][0]["content"])["reasoning"]
