@@ -82,8 +82,9 @@ def main() -> dict:
     }
     held_out = ["--sft_adapter", str(d["sft"]), "--dpo_adapter", str(d["dpo"]), "--max_users", str(args.eval_users),
                 "--batch_size", str(args.batch_size)]
+    constrained = ["--constrained_stages", "after SFT", "after DPO"]   # the base model forced into the schema says little
     seconds["evaluate"] = run("evaluate", ["recipes/evaluate.py", "--config", str(CONFIGS / "demo_evaluate.yaml"), *data,
-                                           *held_out, "--output_dir", str(d["evaluation"])],
+                                           *held_out, *constrained, "--output_dir", str(d["evaluation"])],
                               d["evaluation"] / "evaluation.json", args.keep)
     seconds["novelty"] = run("novelty", ["recipes/novelty.py", "--config", str(CONFIGS / "demo_novelty.yaml"), *data,
                                          *held_out, "--output_dir", str(d["novelty"])],
@@ -95,26 +96,29 @@ def main() -> dict:
     pick = lambda m: {"mean": m["mean"], "ci95": m["ci95"]}
 
     def student(stage: str) -> dict:
-        row = ev["stages"][stage]
-        return {"grounding@3": pick(row["unconstrained"]["grounding@3"]),
-                "field_agreement": pick(row["unconstrained"]["field_agreement"]),
-                "schema_valid_unconstrained": pick(row["unconstrained"]["schema_valid"]),
-                "schema_valid_constrained": pick(row["constrained"]["schema_valid"]),
-                "grounding@3_constrained": pick(row["constrained"]["grounding@3"]),
-                "cut_off": {d: row[d]["cut_off"] for d in ev["decodings"]},
-                "users_per_s": {d: row[d]["users_per_s"] for d in ev["decodings"]}}
+        """The stage's figures (constrained ones only where that stage was decoded constrained)."""
+        row, out = ev["stages"][stage], {}
+        if "unconstrained" in row:
+            out.update({"grounding@3": pick(row["unconstrained"]["grounding@3"]),
+                        "field_agreement": pick(row["unconstrained"]["field_agreement"]),
+                        "schema_valid_unconstrained": pick(row["unconstrained"]["schema_valid"])})
+        if "constrained" in row:
+            out.update({"schema_valid_constrained": pick(row["constrained"]["schema_valid"]),
+                        "grounding@3_constrained": pick(row["constrained"]["grounding@3"])})
+        decoded = [d for d in ev["decodings"] if d in row]
+        return {**out, "cut_off": {d: row[d]["cut_off"] for d in decoded},
+                "users_per_s": {d: row[d]["users_per_s"] for d in decoded}}
 
     result = {
         "users": ev["stages"]["after SFT"]["users"], "novelty_cases": nov["cases"], "novelty_excluded": nov["excluded"],
         "novelty": {name: {**{f"{t}_hit@3": pick(m[f"{t}_hit@3"]) for t in ("apps", "places", "intents")},
                            "mean": pick(m["mean_hit@3"]), "valid": m["valid"]}
                     for name, m in nov["methods"].items()},
-        "dpo_changed_share": {"profiles_unconstrained": ev["dpo_effect"]["unconstrained"]["changed_share"],
-                              "profiles_constrained": ev["dpo_effect"]["constrained"]["changed_share"],
-                              "recommendations": nov["dpo_effect"]["changed_share"]},
+        "dpo_changed_share": {**{f"profiles_{d}": e["changed_share"] for d, e in ev["dpo_effect"].items()},
+                              "recommendations": nov.get("dpo_effect", {}).get("changed_share")},
         "after_sft": student("after SFT"), "after_dpo": student("after DPO"), "before_sft": student("before SFT"),
         "dpo_effect": {"grounding@3": ev["dpo_effect"]["unconstrained"]["grounding@3"],
-                       "novelty_mean_hit@3": nov["dpo_effect"]["mean_hit@3"]},
+                       "novelty_mean_hit@3": nov.get("dpo_effect", {}).get("mean_hit@3")},
         "dpo_pairs": dpo.get("pairs_by_kind"), "dpo_train_reward_accuracy": dpo.get("train_reward_accuracy"),
         "novelty_cases_per_s": nov["cases_per_s"], "seconds": seconds,
         "settings": {k: v for k, v in vars(args).items() if k not in ("work_dir", "keep")},
