@@ -33,10 +33,10 @@ permitted location cluster, a cluster whose (category, cluster) pair occurs in t
 history, any level, then the newline; after a complete line also the end-of-sequence token. A
 pair never seen in the user's history is permitted only while the user's exploration budget
 lasts (:class:`TraceConstraint`). Optionally (``history_weight`` > 0) the LM's scores are
-multiplied by the user's own history prior over slots, categories and clusters-given-category,
-``p ~ p_LM * p_hist ** history_weight`` (a product of experts, smoothed with half a count per
-value, so every permitted value stays possible); the prior only moves probability among the ways
-to go on, so the chance of ending the window (eos) stays the LM's. The trie walk costs a few
+multiplied by the user's own history prior over slots, categories given the previous line's
+category, and clusters given the category, ``p ~ p_LM * p_hist ** history_weight`` (a product of
+experts, smoothed so every permitted value stays possible); the prior only moves probability among
+the ways to go on, so the chance of ending the window (eos) stays the LM's. The trie walk costs a few
 dictionary look-ups per sequence and step, far less than the LM forward pass
 (``benchmarks/synthesis.py`` measures both throughputs).
 
@@ -58,6 +58,7 @@ import torch
 LEVEL_BOUNDS = (1, 3, 8, 20)            # lower bound of records in a slot for t0, t1, t2, t3
 LEVEL_MAX_RECORDS = 40                  # records written back for a t3 line are drawn in [20, 40]
 WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+TRANSITION_BACKOFF = 2.0                # lines' worth of the user's category prior in each row of the transition prior
 _HEADER = re.compile(r"^# user (\d+) (\d{4}-\d{2}-\d{2}) (Mon|Tue|Wed|Thu|Fri|Sat|Sun)$")
 
 
@@ -354,16 +355,23 @@ class TraceConstraint:
 
     pairs: np.ndarray
     exploration_budget: int = 0
-    # optional history priors (counts, smoothed here): over slots [S], categories [A], pairs [A, K]
+    # optional history priors (counts, smoothed here): over slots [S], categories [A], pairs [A, K], and
+    # category transitions [A, A] (row: the previous line's category, column: the next line's)
     slot_counts: np.ndarray | None = None
     category_counts: np.ndarray | None = None
     pair_counts: np.ndarray | None = None
+    transition_counts: np.ndarray | None = None
 
     def __post_init__(self):
         self.pairs = np.asarray(self.pairs, bool)
         smooth = lambda c: None if c is None else (np.asarray(c, np.float64) + 0.5) / (np.asarray(c, np.float64) + 0.5).sum(-1, keepdims=True)
         self.slot_prior, self.category_prior, self.pair_prior = map(smooth, (self.slot_counts, self.category_counts,
                                                                              self.pair_counts))
+        self.transition_prior = None
+        if self.transition_counts is not None:   # backed off to the category prior, worth TRANSITION_BACKOFF lines
+            n = np.asarray(self.transition_counts, np.float64)
+            base = self.category_prior if self.category_prior is not None else np.full(n.shape[1], 1 / n.shape[1])
+            self.transition_prior = (n + TRANSITION_BACKOFF * base) / (n.sum(1, keepdims=True) + TRANSITION_BACKOFF)
         if not self.pairs.any() and self.exploration_budget <= 0:
             raise ValueError("the constraint allows no (app category, location cluster) pair and no exploration: "
                              "nothing can be generated")
@@ -372,12 +380,13 @@ class TraceConstraint:
 class _State:
     """Where one sequence is in the grammar."""
 
-    __slots__ = ("constraint", "field", "node", "line", "last_slot", "budget", "events", "done")
+    __slots__ = ("constraint", "field", "node", "line", "last_slot", "last_category", "budget", "events", "done")
 
     def __init__(self, constraint: TraceConstraint):
         self.constraint = constraint
         self.field, self.node, self.line = 0, None, []
-        self.last_slot, self.budget, self.events, self.done = -1, constraint.exploration_budget, 0, False
+        self.last_slot, self.last_category = -1, -1
+        self.budget, self.events, self.done = constraint.exploration_budget, 0, False
 
 
 class TraceLogitsProcessor:
@@ -421,7 +430,8 @@ class TraceLogitsProcessor:
         if s.field == 0:
             return c.slot_prior
         if s.field == 1:
-            return c.category_prior
+            return c.transition_prior[s.last_category] if c.transition_prior is not None and s.last_category >= 0 \
+                else c.category_prior
         if s.field == 2 and c.pair_prior is not None:
             return c.pair_prior[s.line[1]]
         return None
@@ -462,7 +472,7 @@ class TraceLogitsProcessor:
                 if not s.constraint.pairs[s.line[1], s.line[2]]:
                     s.budget -= 1
             return
-        s.last_slot, s.events, s.field, s.line = s.line[0], s.events + 1, 0, []
+        s.last_slot, s.last_category, s.events, s.field, s.line = s.line[0], s.line[1], s.events + 1, 0, []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.prompt_len is None:

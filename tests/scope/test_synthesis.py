@@ -216,3 +216,16 @@ def test_the_synthetic_cohort_is_never_written_into_the_real_one(tmp_path, monke
     with pytest.raises(ValueError, match="would be written into the real cohort runs/cohort"):
         check_output_dir("runs/cohort", tmp_path / "runs" / "cohort")
     check_output_dir("runs/cohort", "runs/synthesis/cohort")
+
+
+def test_the_history_prior_counts_a_users_lines_and_transitions_within_each_day():
+    from scope.synthesis.generation import attach_history_prior
+    from scope.synthesis.traces import TraceConstraint, TraceEvent, TraceGrammar, TraceWindow
+
+    grammar = TraceGrammar(("cat0", "cat1", "cat2"), 2, 60)
+    windows = [TraceWindow(1, "2016-04-20", [TraceEvent(8, 0, 0, 0), TraceEvent(9, 1, 1, 0), TraceEvent(10, 1, 0, 1)]),
+               TraceWindow(1, "2016-04-21", [TraceEvent(8, 2, 0, 0)])]
+    c = attach_history_prior(TraceConstraint(np.ones((3, 2), bool), exploration_budget=1), windows, grammar)
+    assert c.category_counts.tolist() == [1, 2, 1] and c.slot_counts[8] == 2 and c.slot_counts.sum() == 4
+    assert c.pair_counts.tolist() == [[1, 0], [1, 1], [1, 0]] and c.exploration_budget == 1
+    assert c.transition_counts.tolist() == [[0, 1, 0], [0, 1, 0], [0, 0, 0]]   # no transition across days

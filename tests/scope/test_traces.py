@@ -165,3 +165,25 @@ def test_the_history_prior_never_changes_the_chance_of_ending_the_window(tokeniz
     assert probs[0.0][tokens.eos] > 0
     for weight in (1.0, 5.0):
         assert torch.isclose(probs[weight][tokens.eos], probs[0.0][tokens.eos], atol=1e-6)
+
+
+def test_the_category_prior_follows_the_users_transitions_from_the_second_line_on(tokenizer):
+    tokens = GrammarTokens(GRAMMAR, tokenizer)
+    n_a = len(APP_CATEGORIES)
+    counts, transitions = np.zeros(n_a), np.zeros((n_a, n_a))
+    counts[[4, 1]] = [60, 40]
+    transitions[4, 1] = transitions[1, 4] = 30                 # the user alternates 4 -> 1 -> 4
+    constraint = TraceConstraint(np.ones((n_a, 6), bool), category_counts=counts, transition_counts=transitions)
+    row = constraint.transition_prior[4]
+    assert row.sum() == pytest.approx(1) and row[1] == pytest.approx((30 + 2 * constraint.category_prior[1]) / 32)
+    processor = TraceLogitsProcessor(tokens, [constraint], history_weight=1.0)
+    state = processor.states[0]
+    for token in tokens.fields[0][3]:                                                   # the day's first slot
+        processor.advance(state, token)
+    np.testing.assert_array_equal(processor._prior(state), constraint.category_prior)
+    for token in tokens.encode_events([TraceEvent(3, 4, 0, 0)])[len(tokens.fields[0][3]):] + tokens.fields[0][5]:
+        processor.advance(state, token)                                                 # a line of category 4, slot 5
+    assert state.last_category == 4 and state.field == 1
+    np.testing.assert_array_equal(processor._prior(state), row)
+    without = TraceConstraint(np.ones((n_a, 6), bool), category_counts=counts)
+    assert without.transition_prior is None
