@@ -55,6 +55,8 @@ def main() -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work_dir", default=str(ROOT / "runs" / "bench" / "uscope_eval"))
     parser.add_argument("--keep", action="store_true", help="reuse finished steps in work_dir")
+    parser.add_argument("--stages", nargs="+", default=["before SFT", "after SFT", "after DPO"],
+                        help="student stages evaluated (before SFT only shows the base model cannot answer: 0 valid)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -81,7 +83,7 @@ def main() -> dict:
                    d["dpo"] / "adapter_model.safetensors", args.keep),
     }
     held_out = ["--sft_adapter", str(d["sft"]), "--dpo_adapter", str(d["dpo"]), "--max_users", str(args.eval_users),
-                "--batch_size", str(args.batch_size)]
+                "--batch_size", str(args.batch_size), "--stages", *args.stages]
     constrained = ["--constrained_stages", "after SFT", "after DPO"]   # the base model forced into the schema says little
     seconds["evaluate"] = run("evaluate", ["recipes/evaluate.py", "--config", str(CONFIGS / "demo_evaluate.yaml"), *data,
                                            *held_out, *constrained, "--output_dir", str(d["evaluation"])],
@@ -97,6 +99,8 @@ def main() -> dict:
 
     def student(stage: str) -> dict:
         """The stage's figures (constrained ones only where that stage was decoded constrained)."""
+        if stage not in ev["stages"]:
+            return None
         row, out = ev["stages"][stage], {}
         if "unconstrained" in row:
             out.update({"grounding@3": pick(row["unconstrained"]["grounding@3"]),

@@ -26,7 +26,8 @@ previous event's, or more than ``session_gap_minutes`` passed); for derived trac
 events before it, plus a query token carrying the point's weekday and time slot and, for
 sessions, its location (the phone knows where and when it is asked; the event itself is
 unknown; a derived record's station is its label, so there the query's location is hidden). The
-label is its intent. Users are *population* or *individual* by a seeded hash of their id
+label is its intent. Each point also carries its user's *routine*, ``log p(intent | user, query
+slot)`` from the user's training points (:func:`routine_prior`). Users are *population* or *individual* by a seeded hash of their id
 (disjoint, as in the paper); each individual user's points are split by time into train / val /
 test. A user with fewer than ``history + min_points`` events is skipped and counted
 (``IntentData.skipped_users``).
@@ -217,6 +218,7 @@ class SampleConfig:
     val_fraction: float = 0.2
     population_val_fraction: float = 0.1   # last share of each population user's points (model selection)
     min_points: int = 5               # a user needs history + min_points events, else it is skipped and counted
+    routine_backoff: float = 1.0      # pseudo-count of the user's overall intent shares in each slot's routine prior
     seed: int = 0
 
 
@@ -233,6 +235,7 @@ class IntentSamples:
     user: torch.Tensor               # [N] user id
     seconds: torch.Tensor            # [N] time of the prediction point
     teacher_logits: torch.Tensor | None = None   # [N, N_I] cached soft targets (distillation), if any
+    routine: torch.Tensor | None = None          # [N, N_I] log p(intent | user, query slot) (:func:`routine_prior`)
 
     def __len__(self) -> int:
         return len(self.intent)
@@ -247,7 +250,11 @@ class IntentSamples:
         return IntentSamples(**{**{f: getattr(self, f) for f in self.__dataclass_fields__}, "teacher_logits": logits})
 
     def inputs(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        return {f: getattr(self, f).to(device=device, dtype=torch.long) for f in FEATURES}
+        """The model's inputs: the int64 features [N, L + 1], and the float routine prior [N, N_I] when present."""
+        x = {f: getattr(self, f).to(device=device, dtype=torch.long) for f in FEATURES}
+        if self.routine is not None:
+            x["routine"] = self.routine.to(device=device, dtype=torch.float32)
+        return x
 
     def to(self, device: torch.device | str) -> "IntentSamples":
         return self._map(lambda t: t.to(device))
@@ -317,6 +324,29 @@ def prediction_points(user_events: pd.DataFrame, gap_minutes: float) -> np.ndarr
     return np.flatnonzero(start)
 
 
+def routine_prior(labels: np.ndarray, slots: np.ndarray, days: np.ndarray, train: np.ndarray, n_intents: int,
+                  n_slots: int, backoff: float = 1.0) -> np.ndarray:
+    """One user's routine: ``log p(intent | user, query slot)`` [N, N_I] for each of its points, from the
+    intents of its *training* points in the same time slot, backed off to its overall intent shares::
+
+        p = (c_slot + backoff * q_user) / (n_slot + backoff),   q_user = (c_user + 1/2) / (n_user + N_I/2)
+
+    A training point's own day is left out of its counts (leave-one-day-out): a point's neighbours of
+    the same day share its intent, and a validation or test point never sees its own day either. This
+    is the information of the most-frequent-intent-per-(user, slot) baseline, as one model input
+    (:class:`scope.pituning.model.IntentPredictor` adds it to its logits).
+    """
+    onehot = np.eye(n_intents)[labels] * train[:, None]
+    _, day = np.unique(days, return_inverse=True)
+    per_day = np.zeros((day.max() + 1 if len(day) else 0, n_slots, n_intents))
+    np.add.at(per_day, (day, slots), onehot)
+    slot_counts = per_day.sum(0)[slots] - per_day[day, slots] * train[:, None]
+    user_counts = per_day.sum((0, 1))[None] - per_day.sum(1)[day] * train[:, None]
+    q = (user_counts + 0.5) / (user_counts.sum(1, keepdims=True) + 0.5 * n_intents)
+    p = (slot_counts + backoff * q) / (slot_counts.sum(1, keepdims=True) + backoff)
+    return np.log(p).astype(np.float32)
+
+
 def _time_split(n: int, train: float, val: float) -> np.ndarray:
     """Split labels 0 = train, 1 = val, 2 = test for ``n`` time-ordered points."""
     a, b = int(round(n * train)), int(round(n * (train + val)))
@@ -359,14 +389,17 @@ def build_samples(cohort: IntentCohort, cfg: SampleConfig, *, progress: bool = F
         feats = {"location": location[windows], "cluster": cluster[windows], "weekday": weekday[windows],
                  "slot": slot[windows], "event": event[windows].copy()}
         feats["event"][:, -1] = QUERY
+        labels = ev["intent"].to_numpy()[points]
+        routine = routine_prior(labels, slot[points], days[points], split == 0, len(cohort.intents), n_slots,
+                                cfg.routine_backoff)
         if cohort.next_record:   # the record's station is its label: the query does not know it
             feats["location"][:, -1] = 0
             feats["cluster"][:, -1] = 0
         samples = IntentSamples(
             *(torch.from_numpy(feats[f].astype(np.int16 if f != "event" else np.int32)) for f in FEATURES),
-            intent=torch.from_numpy(ev["intent"].to_numpy()[points]),
+            intent=torch.from_numpy(labels),
             user=torch.full((len(points),), int(user_id), dtype=torch.int64),
-            seconds=torch.from_numpy(seconds[points].astype(np.int64)))
+            seconds=torch.from_numpy(seconds[points].astype(np.int64)), routine=torch.from_numpy(routine))
         names = ("train", "val", "test") if is_ind else ("pop_train", "pop_val")
         for code, name in enumerate(names):
             buckets[name].append(samples[torch.from_numpy(split == code)])

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from scope.io import atomic_path
-from scope.pituning.data import FEATURES, IntentSamples
+from scope.pituning.data import IntentSamples
 from scope.pituning.model import BackboneConfig, IntentPredictor, PredictorConfig
 from scope.pituning.train import _device
 
@@ -49,27 +49,29 @@ def load_student(path: str | Path) -> IntentPredictor:
 
 
 class _Positional(nn.Module):
-    """The student with one positional input per feature (what an ONNX graph takes)."""
+    """The student with one positional input per model input (what an ONNX graph takes)."""
 
     def __init__(self, model: IntentPredictor):
         super().__init__()
         self.model = model
 
-    def forward(self, location: Tensor, cluster: Tensor, weekday: Tensor, slot: Tensor, event: Tensor) -> Tensor:
-        return self.model(dict(zip(FEATURES, (location, cluster, weekday, slot, event))))
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.model(dict(zip(self.model.input_names, inputs)))
 
 
 def export_onnx(model: IntentPredictor, path: str | Path, example: IntentSamples) -> int:
-    """The student as an ONNX graph (inputs: the five int64 feature tensors [B, L + 1]; output: logits
-    [B, N_I]; B dynamic), written atomically; returns the file size."""
+    """The student as an ONNX graph (inputs: the five int64 feature tensors [B, L + 1] and, for a model
+    with the routine prior, the float32 ``routine`` [B, N_I]; output: logits [B, N_I]; B dynamic),
+    written atomically; returns the file size."""
     model = model.eval().cpu()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    inputs = tuple(example[:2].inputs().values())
-    batch = {name: {0: "batch"} for name in (*FEATURES, "logits")}
+    x = example[:2].inputs()
+    inputs = tuple(x[name] for name in model.input_names)
+    batch = {name: {0: "batch"} for name in (*model.input_names, "logits")}
     with atomic_path(path) as tmp, torch.inference_mode(False), torch.no_grad():
-        torch.onnx.export(_Positional(model).eval(), inputs, str(tmp), input_names=list(FEATURES), output_names=["logits"],
-                          dynamic_axes=batch, dynamo=False)
+        torch.onnx.export(_Positional(model).eval(), inputs, str(tmp), input_names=list(model.input_names),
+                          output_names=["logits"], dynamic_axes=batch, dynamo=False)
     return path.stat().st_size
 
 
@@ -92,13 +94,14 @@ def onnx_session(path: str | Path, threads: int = 1):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _feeds(samples: IntentSamples) -> dict[str, np.ndarray]:
-    return {name: t.numpy() for name, t in samples.inputs().items()}
+def _feeds(session, samples: IntentSamples) -> dict[str, np.ndarray]:
+    x = samples.inputs()
+    return {i.name: x[i.name].numpy() for i in session.get_inputs()}
 
 
 def onnx_predict(session, samples: IntentSamples, batch_size: int = 512) -> Tensor:
     """Logits [N, N_I] of an ONNX session."""
-    out = [torch.from_numpy(session.run(None, _feeds(samples[i:i + batch_size]))[0])
+    out = [torch.from_numpy(session.run(None, _feeds(session, samples[i:i + batch_size]))[0])
            for i in range(0, len(samples), batch_size)]
     return torch.cat(out)
 
@@ -130,7 +133,7 @@ def eager_predict_one(model: IntentPredictor):
 
 def onnx_predict_one(session):
     """Batch-1 ONNX Runtime prediction for :func:`latency_ms`."""
-    return lambda x: session.run(None, _feeds(x))
+    return lambda x: session.run(None, _feeds(session, x))
 
 
 def on_device_figures(user_dirs: list[Path], data, repeats: int = 200) -> dict:

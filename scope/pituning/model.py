@@ -12,9 +12,15 @@ Reads top to bottom like the paper (PITuning paper, section 3):
 4. **MLP head** (Eq. 4): ``y_k = MLP([C_k ; h_query]) + b_k``, one score per intent.
 5. **Masked event reconstruction** (Eq. 5): 15% of the history events are replaced by ``[MASK]``
    and predicted from the backbone's states at those positions; ``L = CE(y) + mu * L_rec``.
-6. **Distillation** (Eq. 6-7) into a 4-layer student of the same family:
+6. **The user's routine** (Decision, not in the paper): ``logits += w * log p(intent | user, slot)``,
+   the user's own intent frequencies in the query's time slot (``IntentSamples.routine``), with a
+   learned weight ``w`` (initially 1). The 30-record history spans about a day, so it never shows
+   what the user did in the same slot on other days; on intents derived from traces that routine
+   alone (the most-frequent-intent-per-slot baseline) beats every model without it
+   (``benchmarks/README.md``). The network then learns the correction to the routine.
+7. **Distillation** (Eq. 6-7) into a 4-layer student of the same family:
    ``L = alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(y, p_s)``, alpha 0.5, T 1.
-7. **Individual level**: forgotten intents (Eq. 8-10), bounded unlearning (Eq. 11) against the
+8. **Individual level**: forgotten intents (Eq. 8-10), bounded unlearning (Eq. 11) against the
    frozen population teacher, then per-user fine-tuning of the student; export per user.
 
 Decisions where the paper is vague are written where they are implemented (search "Decision").
@@ -28,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from scope.pituning.data import FEATURES
 
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -251,6 +259,7 @@ class PredictorConfig:
     dropout: float = 0.1
     reconstruction: bool = True       # keep the Eq. 5 event-reconstruction head
     iat: bool = True                  # Eq. 3 intent-aware attention (False: the head reads the query state alone)
+    routine: bool = True              # add the user's routine prior (IntentSamples.routine) to the logits
 
 
 class IntentPredictor(nn.Module):
@@ -266,6 +275,7 @@ class IntentPredictor(nn.Module):
         self.iat = IntentAwareAttention(n_intents, hidden, cfg.attention_dim) if cfg.iat else None
         self.head = IntentHead(n_intents, hidden, cfg.head_hidden, cfg.dropout)
         self.reconstruct = nn.Linear(hidden, vocab["event"]) if cfg.reconstruction else None
+        self.routine_weight = nn.Parameter(torch.ones(())) if cfg.routine else None
 
     def encode(self, x: dict[str, Tensor]) -> Tensor:
         """Backbone states H [B, L + 1, d] (causal: the last, query position sees everything)."""
@@ -276,7 +286,17 @@ class IntentPredictor(nn.Module):
         h_query = H[:, -1]
         C = self.iat(H)[0] if self.iat is not None else h_query[:, None].expand(-1, self.n_intents, -1)
         logits = self.head(C, h_query)
+        if self.routine_weight is not None:
+            if "routine" not in x:
+                raise KeyError("this model adds the user's routine prior to its logits (PredictorConfig.routine): "
+                               "its inputs need 'routine' [B, N_I] (IntentSamples.routine, from build_samples)")
+            logits = logits + self.routine_weight * x["routine"]
         return (logits, H) if return_hidden else logits
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The keys of the inputs ``forward`` reads (the ONNX graph's input names)."""
+        return FEATURES + (("routine",) if self.routine_weight is not None else ())
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -308,4 +328,5 @@ def student_config(teacher: IntentPredictor, layers: int = 4, hidden: int = 128,
     backbone = BackboneConfig(name=family, blocks=None, hidden=hidden, layers=layers, heads=heads,
                               intermediate=intermediate)
     return PredictorConfig(backbone=backbone, embed_dim=teacher.cfg.embed_dim, attention_dim=min(128, hidden),
-                           head_hidden=2 * hidden, dropout=teacher.cfg.dropout, reconstruction=False)
+                           head_hidden=2 * hidden, dropout=teacher.cfg.dropout, reconstruction=False,
+                           routine=teacher.cfg.routine)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from scope.pituning.baselines import SMALL_DATA_ROWS, features, fit_predict, most_frequent_per_slot
-from scope.pituning.data import MASK, N_SPECIAL, QUERY, SampleConfig, build_samples, load_intent_cohort
+from scope.pituning.data import MASK, N_SPECIAL, QUERY, SampleConfig, build_samples, load_intent_cohort, routine_prior
 from scope.pituning.export import (eager_predict_one, export_onnx, export_student, latency_ms, load_student,
                                    onnx_predict, onnx_predict_one, onnx_session, quantize_int8)
 from scope.pituning.individual import (IndividualConfig, calibrate_unlearning, forgotten_intents, label_share, output_share, tune_individual,
@@ -321,6 +321,42 @@ def test_most_frequent_intent_per_user_and_slot(data):
     assert scores.shape == (len(test), data.n_intents) and (scores.sum(1) > 0).all()
 
 
+def test_the_routine_prior_counts_training_slots_leaving_a_training_points_own_day_out():
+    labels = np.array([0, 0, 1, 2, 0, 1])
+    slots = np.array([8, 8, 8, 9, 8, 8])
+    days = np.array([1, 1, 2, 2, 3, 3])
+    train = np.array([True, True, True, True, False, False])
+    p = np.exp(routine_prior(labels, slots, days, train, n_intents=3, n_slots=24, backoff=1.0))
+    np.testing.assert_allclose(p.sum(1), 1, rtol=1e-6)
+    q_user = lambda c: (np.array(c) + 0.5) / (sum(c) + 1.5)   # noqa: E731
+    # point 0 (train, day 1): day 1 left out -> slot 8 holds one intent-1 point, the user counts [0, 1, 1]
+    np.testing.assert_allclose(p[0], (np.array([0, 1, 0]) + q_user([0, 1, 1])) / 2, rtol=1e-6)
+    # point 4 (test): every training point counts -> slot 8 holds [2, 1, 0], the user [2, 1, 1]
+    np.testing.assert_allclose(p[4], (np.array([2, 1, 0]) + q_user([2, 1, 1])) / 4, rtol=1e-6)
+    # a slot without training points falls back to the user's shares
+    p = np.exp(routine_prior(labels, np.array([8, 8, 8, 9, 8, 20]), days, train, 3, 24))
+    np.testing.assert_allclose(p[5], q_user([2, 1, 1]), rtol=1e-6)
+
+
+def test_the_routine_prior_alone_is_the_most_frequent_baseline_and_the_model_adds_it_to_its_logits(data):
+    test = data.individual["test"]
+    assert test.routine.shape == (len(test), data.n_intents)
+    baseline = most_frequent_per_slot(data, test)
+    has_slot = baseline.max(1).values >= 1           # the user has training points in the query's slot
+    agree = test.routine.argmax(1) == baseline.argmax(1)
+    ties = (baseline == baseline.max(1, keepdim=True).values).sum(1) > 1
+    assert agree[has_slot & ~ties].all()
+    model = tiny(data).eval()
+    x = test[:4].inputs()
+    with torch.no_grad():
+        with_routine = model(x)
+        model.routine_weight.fill_(0.0)
+        assert torch.allclose(with_routine - model(x), x["routine"], atol=1e-5)
+    with pytest.raises(KeyError, match="inputs need 'routine'"):
+        model({k: v for k, v in x.items() if k != "routine"})
+    assert tiny(data, routine=False).input_names == ("location", "cluster", "weekday", "slot", "event")
+
+
 # --------------------------------------------------------------------------------------------
 # ONNX export (a tiny student)
 # --------------------------------------------------------------------------------------------
@@ -338,6 +374,7 @@ def test_onnx_export_matches_eager_and_int8_keeps_the_top1(data, tmp_path):
     int8 = onnx_predict(onnx_session(tmp_path / "student.int8.onnx"), test)
     assert torch.allclose(fp32, eager, atol=1e-4)
     assert (int8.argmax(1) == eager.argmax(1)).float().mean() >= 0.9
+    assert [i.name for i in onnx_session(tmp_path / "student.onnx").get_inputs()][-1] == "routine"
     assert latency_ms(onnx_predict_one(onnx_session(tmp_path / "student.onnx")), test, repeats=3, warmup=1) > 0
     assert not student.training   # the export leaves the model in eval mode
 
