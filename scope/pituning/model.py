@@ -16,8 +16,9 @@ Reads top to bottom like the paper (PITuning paper, section 3):
    the user's own intent frequencies in the query's time slot (``IntentSamples.routine``), with a
    learned weight ``w`` (initially 1). The 30-record history spans about a day, so it never shows
    what the user did in the same slot on other days; on intents derived from traces that routine
-   alone (the most-frequent-intent-per-slot baseline) beats every model without it
-   (``benchmarks/README.md``). The network then learns the correction to the routine.
+   alone (the most-frequent-intent-per-slot baseline) beats every model without it. With it the
+   population teacher goes from prec_m 0.44 to 0.72 (LightGBM: 0.49); after per-user tuning it
+   is neutral, the tuned slot embeddings learn the same routine (``benchmarks/README.md``).
 7. **Distillation** (Eq. 6-7) into a 4-layer student of the same family:
    ``L = alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(y, p_s)``, alpha 0.5, T 1.
 8. **Individual level**: forgotten intents (Eq. 8-10), bounded unlearning (Eq. 11) against the
