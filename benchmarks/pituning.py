@@ -137,8 +137,8 @@ def main() -> None:
     parser.add_argument("--work_dir", type=Path, default=Path("/tmp/uscope-bench-pituning"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    name = ("pituning" if args.data == "tsinghua" else "pituning_intents") + ("_no_routine" if args.no_routine else "")
-    run_dir = args.work_dir / name
+    result_name = ("pituning" if args.data == "tsinghua" else "pituning_intents") + ("_no_routine" if args.no_routine else "")
+    run_dir = args.work_dir / result_name
     cohort = "intent_cohort" if args.data == "intents" else "cohort"
     base = parse(["--output_dir", str(run_dir), "--data", args.data, f"--{cohort}.n_users", str(args.users),
                   f"--{cohort}.days", str(args.days), "--max_individual_users", "null", "--population.steps", str(args.population_steps),
@@ -252,7 +252,7 @@ def main() -> None:
             "onnx_int8_agreement>=0.99": (device_figures["onnx_top1_agreement"]["int8"] or 0) >= 0.99},
     }
     print(results_table({n: {k: m[k]["mean"] for k in METRIC_KEYS} for n, m in methods.items()}), file=sys.stderr)
-    emit(name, figures)
+    emit(result_name, figures)
 
 
 if __name__ == "__main__":

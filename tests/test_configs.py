@@ -13,6 +13,7 @@ import importlib
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
@@ -141,6 +142,9 @@ def check_complete(path, cfg):
 
 def check_pituning(path, cfg):
     assert cfg.distillation.student.layers > 0 and 0 < cfg.samples.train_fraction + cfg.samples.val_fraction < 1
+    raw = yaml.safe_load(path.read_text())   # the routine prior's keys reach the configs they set
+    assert cfg.predictor.routine == raw["predictor"]["routine"]
+    assert cfg.samples.routine_backoff == raw["samples"]["routine_backoff"]
 
 
 def check_demo(path, args):

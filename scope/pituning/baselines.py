@@ -35,11 +35,11 @@ from scope.pituning.data import N_SPECIAL, IntentData, IntentSamples
 
 # Measured with LightGBM 4.7: refitting one user's small-data model (early-stopped on its ~15 validation
 # points) on the same arrays in one process gives different best iterations and scores from fit to
-# fit, even with ``deterministic`` and ``force_row_wise``; the pooled model reproduces exactly.
+# fit, even with LightGBM's ``deterministic=True, force_row_wise=True``; the pooled model reproduces exactly.
 # The benchmark therefore repeats the per-user baseline and reports its spread.
 TABLE5_PARAMS = dict(objective="multiclass", boosting_type="gbdt", n_estimators=2000, num_leaves=32, max_depth=-1,
                      min_child_samples=20, colsample_bytree=1.0, reg_alpha=0.0, reg_lambda=0.0, random_state=42,
-                     verbose=-1, n_jobs=1, deterministic=True, force_row_wise=True)
+                     verbose=-1, n_jobs=1)
 SMALL_DATA_PARAMS = dict(max_depth=3, num_leaves=3, reg_alpha=1.0, reg_lambda=1.0)
 SMALL_DATA_ROWS = 200
 EARLY_STOPPING_ROUNDS = 75

@@ -94,14 +94,19 @@ def onnx_session(path: str | Path, threads: int = 1):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _feeds(session, samples: IntentSamples) -> dict[str, np.ndarray]:
+def _input_names(session) -> list[str]:
+    return [i.name for i in session.get_inputs()]
+
+
+def _feeds(names: list[str], samples: IntentSamples) -> dict[str, np.ndarray]:
     x = samples.inputs()
-    return {i.name: x[i.name].numpy() for i in session.get_inputs()}
+    return {name: x[name].numpy() for name in names}
 
 
 def onnx_predict(session, samples: IntentSamples, batch_size: int = 512) -> Tensor:
     """Logits [N, N_I] of an ONNX session."""
-    out = [torch.from_numpy(session.run(None, _feeds(session, samples[i:i + batch_size]))[0])
+    names = _input_names(session)
+    out = [torch.from_numpy(session.run(None, _feeds(names, samples[i:i + batch_size]))[0])
            for i in range(0, len(samples), batch_size)]
     return torch.cat(out)
 
@@ -133,7 +138,8 @@ def eager_predict_one(model: IntentPredictor):
 
 def onnx_predict_one(session):
     """Batch-1 ONNX Runtime prediction for :func:`latency_ms`."""
-    return lambda x: session.run(None, _feeds(session, x))
+    names = _input_names(session)
+    return lambda x: session.run(None, _feeds(names, x))
 
 
 def on_device_figures(user_dirs: list[Path], data, repeats: int = 200) -> dict:
