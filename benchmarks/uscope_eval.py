@@ -7,8 +7,9 @@ and what DPO with on-policy negatives changes.
 
 One simulated cohort (``--users`` x ``--days``); the demo's recipes and YAMLs
 (``recipes/configs/demo_{sft,dpo,evaluate,novelty}.yaml``) run on it with the sizes below, one after
-another: SFT (profiles + the teacher's recommendations), DPO (the SFT student's own failing
-recommendation samples as ``y_l``), then ``recipes/evaluate.py`` and ``recipes/novelty.py`` on the
+another: SFT (profiles + the teacher's recommendations), DPO (``--dpo_samples`` recommendations the SFT
+student samples per training case, ranked against the hidden part: its worst as ``y_l``, its best, or else
+the teacher's, as ``y_w``), then ``recipes/evaluate.py`` and ``recipes/novelty.py`` on the
 first ``--eval_users`` held-out (val + test) users. A finished step is reused with ``--keep``.
 
 Last stdout line (and ``benchmarks/results/uscope_eval.json``): ``novelty`` ({method: {apps_hit@3,
@@ -50,7 +51,8 @@ def main() -> dict:
     parser.add_argument("--eval_users", type=int, default=60)
     parser.add_argument("--sft_steps", type=int, default=80)
     parser.add_argument("--dpo_steps", type=int, default=48)
-    parser.add_argument("--dpo_cases", type=int, default=96, help="training cases the SFT student samples for DPO")
+    parser.add_argument("--dpo_cases", type=int, default=48, help="training cases the SFT student samples for DPO")
+    parser.add_argument("--dpo_samples", type=int, default=4, help="answers sampled per case (ranked into pairs)")
     parser.add_argument("--batch_size", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work_dir", default=str(ROOT / "runs" / "bench" / "uscope_eval"))
@@ -79,6 +81,7 @@ def main() -> dict:
         "dpo": run("dpo", ["recipes/dpo.py", "--config", str(CONFIGS / "demo_dpo.yaml"), *data, "--sft_adapter", str(d["sft"]),
                            "--output_dir", str(d["dpo"]), "--max_steps", str(args.dpo_steps),
                            "--save_steps", str(max(args.dpo_steps // 2, 1)), "--student_negative_cases", str(args.dpo_cases),
+                           "--student_samples", str(args.dpo_samples),
                            "--eval_users", "0", "--report_to", "none"],
                    d["dpo"] / "adapter_model.safetensors", args.keep),
     }

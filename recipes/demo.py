@@ -116,7 +116,7 @@ def stages(args: DemoArguments, python: str = sys.executable) -> list[Stage]:
                                   *opt("--threads"))], d["evaluate"], configs=[args.evaluate_config],
               inputs=[cohort, d["sft"], d["dpo"]], needs=["sft", "dpo"],
               outputs=[stage_output(run, "evaluate")],
-              description="student evaluation: before SFT / after SFT / after DPO"),
+              description="student evaluation: after SFT / after DPO, unconstrained and constrained"),
         Stage("novelty", [recipe("novelty", "--config", args.novelty_config, *profile_data, "--output_dir",
                                  d["novelty"], "--sft_adapter", d["sft"], "--dpo_adapter", d["dpo"],
                                  *opt("--threads"))], d["novelty"], configs=[args.novelty_config],

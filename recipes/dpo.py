@@ -44,6 +44,7 @@ class DPOScriptArguments(ProfileDataArguments):
     student_max_new_tokens: int = 512
     student_negative_cases: int = 0               # with "student_recommendation": sample the SFT student on this many
     student_temperature: float = 1.0              # ... training cases of the novelty task (on-policy negatives)
+    student_samples: int = 1                      # answers sampled per case: pairs rank them (scope.profiles.dpo)
     generation_batch_size: int = 8
     max_grounding: float = 0.67                   # a student sample below this grounding@3 is a negative
     eval_pairs: int = 4                           # held-out (val) pairs scored after training; 0 = skip
@@ -51,6 +52,10 @@ class DPOScriptArguments(ProfileDataArguments):
     eval_max_new_tokens: int = 512
     resume: bool = True
     threads: int = 0
+
+    def __post_init__(self):
+        if self.student_samples < 1:
+            raise ValueError(f"student_samples must be >= 1 (answers sampled per case), got {self.student_samples}")
 
 
 def build_student(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: ModelConfig):
@@ -86,11 +91,14 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
         rng = np.random.default_rng(training_args.seed)
         picked = sorted(rng.permutation(len(task.train_cases))[: script_args.student_negative_cases])
         cases = [task.train_cases[i] for i in picked]
-        samples = generate(model, tokenizer, task.prompts(builder, cases), max_new_tokens=script_args.recommend_max_new_tokens,
+        n = script_args.student_samples
+        prompts = [p for p in task.prompts(builder, cases) for _ in range(n)]
+        samples = generate(model, tokenizer, prompts, max_new_tokens=script_args.recommend_max_new_tokens,
                            batch_size=script_args.generation_batch_size, temperature=script_args.student_temperature,
                            seed=training_args.seed)
-        recommendation_rows = recommendation_pairs(task, builder, {c.key: g.text for c, g in zip(cases, samples)})
-        log.info("on-policy recommendation pairs: %d of %d sampled cases", len(recommendation_rows), len(cases))
+        answers = {c.key: [g.text for g in samples[i * n:(i + 1) * n]] for i, c in enumerate(cases)}
+        recommendation_rows = recommendation_pairs(task, builder, answers)
+        log.info("on-policy recommendation pairs: %d of %d cases (%d samples each)", len(recommendation_rows), len(cases), n)
     train = preference_dataset(corpus, script_args.train_splits, [k for k in script_args.negatives if k != "student_recommendation"],
                                student_answers=student_answers, max_grounding=script_args.max_grounding,
                                seed=training_args.seed, recommendation_rows=recommendation_rows)

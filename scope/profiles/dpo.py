@@ -1,7 +1,7 @@
 """DPO alignment data (Eq. 27): preference triplets ``(x_u, y_w, y_l)``.
 
 ``y_w`` is the grounded profile of user u (consistent with ``H_u`` by construction). ``y_l`` is one
-of three kinds of profile that is *not* grounded in ``H_u``:
+of these kinds of answer that is *not* grounded in ``H_u``:
 
 - ``popularity``: the profile of the whole cohort pooled (the popularity heuristic: most used
   categories and most visited areas of everybody);
@@ -9,11 +9,14 @@ of three kinds of profile that is *not* grounded in ``H_u``:
   areas overlap least with u's (ties broken by a seeded draw);
 - ``student``: a sample of the SFT student for u that fails grounding (invalid, or grounding@3
   below ``max_grounding``);
-- ``student_recommendation`` (on-policy, the novelty task of :mod:`scope.profiles.novelty`): a
-  sampled recommendation of the SFT student for one of u's cuts that is invalid, names an unknown
-  or already-used item, or hits fewer hidden items (mean hit@3) than the teacher's answer, which is
-  ``y_w``. The truth of training users' hidden parts is known, so the pair is only kept when the
-  teacher's answer is really better.
+- ``student_recommendation`` (on-policy, the novelty task of :mod:`scope.profiles.novelty`): the
+  SFT student samples n answers for one of u's cuts; each is scored against the hidden part (known
+  for training users): invalid, unknown or already-used names, mean hit@3. ``y_l`` is the worst
+  sample; ``y_w`` is the best sample when it scores higher (kind ``student_ranked``: both answers
+  are the student's own, so the pair contrasts only the names picked), else the teacher's answer
+  when that scores higher (kind ``student_recommendation``). With one sample per case every pair is
+  (teacher, sample): measured on 60 held-out users, those pairs moved every answer but lowered
+  novelty hit@3 (benchmarks/README.md).
 
 Each user yields one triplet per kind it has. ``recipes/dpo.py`` trains a new LoRA with TRL's
 ``DPOTrainer`` on top of the SFT student (the SFT adapter merged into the base weights), so the
@@ -30,7 +33,7 @@ from datasets import Dataset
 
 from scope.profiles.corpus import ProfileCorpus
 from scope.profiles.evaluation import score_answer
-from scope.profiles.novelty import recommendation_prompt, teacher_answer
+from scope.profiles.novelty import teacher_answer
 from scope.profiles.novelty import score_answer as score_recommendation
 from scope.profiles.schema import Profile
 from scope.profiles.teachers import grounded_profile
@@ -62,23 +65,37 @@ def _mean_hit(score) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
-def recommendation_pairs(task, builder, student_answers: dict[str, str]) -> list[dict]:
-    """On-policy preference rows of the novelty task: for each training case with a sampled student
-    answer (``{case key: text}``), the teacher's answer over the sample when the sample is invalid,
-    names unknown or already-used items, or scores a lower mean hit@3 than the teacher's."""
+def recommendation_quality(score) -> float:
+    """One answer's quality for ranking samples: -1 when invalid, else its mean hit@3 less 1/9 per
+    unknown or already-used name (a wasted slot of the 3 x 3)."""
+    if not score.valid:
+        return -1.0
+    return _mean_hit(score) - (len(score.unknown) + score.seen_recommended) / 9
+
+
+def recommendation_pairs(task, builder, student_answers: dict[str, list[str]]) -> list[dict]:
+    """On-policy preference rows of the novelty task from the student's sampled answers per training
+    case (``{case key: [text, ...]}``): the worst sample is ``rejected``; ``chosen`` is the best
+    sample if it scores higher, else the teacher's answer if that scores higher; a case whose
+    answers all tie gives no row."""
     rows = []
     for case in task.train_cases:
-        sample = student_answers.get(case.key)
-        if sample is None:
+        samples = [a.strip() for a in student_answers.get(case.key, [])]
+        if not samples:
             continue
-        chosen = teacher_answer(case, task.teacher)
-        mine = score_recommendation(case, sample, task.vocabulary)
-        best = score_recommendation(case, chosen.to_json(), task.vocabulary)
-        if not mine.valid or mine.unknown or mine.seen_recommended or _mean_hit(mine) < _mean_hit(best):
-            rows.append({"prompt": recommendation_prompt(case, task.vocabulary, builder).messages,
-                         "chosen": [{"role": "assistant", "content": chosen.to_json()}],
-                         "rejected": [{"role": "assistant", "content": sample.strip()}],
-                         "user_id": case.user_id, "kind": "student_recommendation"})
+        quality = [recommendation_quality(score_recommendation(case, a, task.vocabulary)) for a in samples]
+        worst, best = int(np.argmin(quality)), int(np.argmax(quality))
+        teacher = teacher_answer(case, task.teacher).to_json()
+        if quality[best] > quality[worst]:
+            chosen, kind = samples[best], "student_ranked"
+        elif recommendation_quality(score_recommendation(case, teacher, task.vocabulary)) > quality[worst]:
+            chosen, kind = teacher, "student_recommendation"
+        else:
+            continue
+        rows.append({"prompt": task.prompt(case, builder).messages,
+                     "chosen": [{"role": "assistant", "content": chosen}],
+                     "rejected": [{"role": "assistant", "content": samples[worst]}],
+                     "user_id": case.user_id, "kind": kind})
     return rows
 
 

@@ -63,13 +63,13 @@ class PromptBuilder:
     def __call__(self, stats: UserStatistics) -> UserPrompt:
         return UserPrompt(stats.user_id, self.system, self.user_template.render(s=stats).strip(), stats)
 
-    def recommendation(self, stats: UserStatistics, seen: dict[str, list[str]], vocabulary) -> UserPrompt:
+    def recommendation(self, stats: UserStatistics, seen: dict[str, list[str]], candidates: dict[str, list[str]]) -> UserPrompt:
         """The novelty-recommendation turn (:mod:`scope.profiles.novelty`): the visible history's
-        statistics, the items already used and the candidate names."""
+        statistics, the items already used and the ranked candidates per item type."""
         by_kind: dict[str, list[str]] = {}
         for intent in seen["intents"]:
             activity, kind = intent.split(" at ", 1)
             by_kind.setdefault(kind, []).append(activity)
         text = self.recommend_template.render(s=stats, seen=seen, seen_intents=sorted(by_kind.items()),
-                                              vocab=vocabulary).strip()
+                                              candidates=candidates).strip()
         return UserPrompt(stats.user_id, self.recommend_system, text, stats)

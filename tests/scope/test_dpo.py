@@ -42,7 +42,7 @@ def test_one_real_dpo_step_on_the_sft_adapter(small_cohort, tiny_model_dir, tmp_
     script = dpo_recipe.DPOScriptArguments(**vars(data_args(small_cohort, tmp_path / "cache", recommend_max_new_tokens=8)),
                                            sft_adapter=str(sft), eval_pairs=2, eval_users=1, eval_max_new_tokens=8,
                                            threads=1, negatives=["popularity", "other_user", "student_recommendation"],
-                                           student_negative_cases=2)
+                                           student_negative_cases=2, student_samples=2)
     training = DPOConfig(output_dir=str(tmp_path / "dpo"), use_cpu=True, bf16=False, gradient_checkpointing=False,
                          max_steps=1, per_device_train_batch_size=1, per_device_eval_batch_size=1, beta=0.2,
                          max_length=1024, logging_steps=1, save_steps=1, report_to="none", seed=0)
@@ -50,7 +50,8 @@ def test_one_real_dpo_step_on_the_sft_adapter(small_cohort, tiny_model_dir, tmp_
                         lora_target_modules=["q_proj", "v_proj"], lora_task_type="CAUSAL_LM")
     metrics = dpo_recipe.main(script, training, model)
     assert metrics["beta"] == 0.2 and metrics["pairs"] > 0
-    assert metrics["pairs_by_kind"]["student_recommendation"] == 2   # 8 random tokens never beat the teacher
+    # 2 samples of 8 random tokens per case: both invalid, a tie, so the teacher's answer is y_w
+    assert metrics["pairs_by_kind"]["student_recommendation"] == 2 and "student_ranked" not in metrics["pairs_by_kind"]
     assert metrics["train_reward_accuracy"] is not None and metrics["train_reward_margin"] is not None
     assert metrics["heldout_reward_accuracy"] is not None and "student_grounding@3" in metrics
     assert (tmp_path / "dpo" / "adapter_model.safetensors").exists()

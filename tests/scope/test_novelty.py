@@ -11,7 +11,7 @@ import pytest
 from recipes import evaluate as evaluate_recipe
 from recipes import novelty as novelty_recipe
 from scope.metrics import bootstrap_ci
-from scope.profiles.dpo import preference_dataset, recommendation_pairs
+from scope.profiles.dpo import preference_dataset, recommendation_pairs, recommendation_quality
 from scope.profiles.evaluation import generate
 from scope.profiles.novelty import (ITEM_TYPES, NoveltyCase, NoveltyConfig, NoveltyTask, Recommendation, Vocabulary,
                                     event_items, novelty_summary, paired_difference, parse_recommendation,
@@ -120,27 +120,64 @@ def test_teacher_answers_are_valid_recommendations_and_join_the_sft_data(corpus,
     assert rec == teacher_answer(case, task.teacher) and rec.persona in rec.reasoning
     for t in ITEM_TYPES:
         assert set(getattr(rec, t)) <= set(task.vocabulary.items[t]) - set(case.seen[t])
-    assert "Candidate apps:" in prompt.user and "Recommend new apps" in prompt.user
+    assert "Recommend new apps" in prompt.user
+    candidates = task.candidates(case)
+    for t, label in (("apps", "Apps: "), ("places", "Places: ")):   # the unused names, ranked
+        assert prompt.user.split(label, 1)[1].split(".\n", 1)[0] == (", ".join(candidates[t]) or "none")
+        assert sorted(candidates[t]) == sorted(set(task.vocabulary.items[t]) - set(case.seen[t]))
+    assert len(candidates["intents"]) == min(task.config.intent_candidates,
+                                             len(set(task.vocabulary.items["intents"]) - set(case.seen["intents"])))
+    assert not set(candidates["intents"]) & set(case.seen["intents"])
     assert str(case.user_id) not in prompt.user.split("\n")[0].split(":")[0]
     ds = sft_dataset(corpus, ["train"], examples)
     assert ds["task"].count("recommend") == len(examples) and ds["task"].count("profile") == len(corpus.profiled("train"))
     assert ds[len(ds) - 1]["completion"][0]["content"] == examples[-1][1]
 
 
-def test_on_policy_pairs_keep_only_worse_student_samples(corpus, task):
+def test_candidates_follow_similar_users_and_leave_a_training_user_out_of_its_own_neighbours(task):
+    from scope.profiles.novelty import NeighbourRecommender, _rank, stats_vector
+
+    case = task.train_cases[0]
+    i = task.train_users.index(case.user_id)
+    keep = [j for j in range(len(task.train_users)) if j != i]
+    without = NeighbourRecommender("loo", task.knn_stats.vectors[keep], [task.knn_stats.items[j] for j in keep],
+                                   task.popularity)
+    scores = without.scores(stats_vector(case.stats))
+    got = task.candidates(case)
+    for t in ("apps", "places"):
+        assert got[t] == _rank(scores[t], set(case.seen[t]), 99, task.popularity.counts[t])
+    held_out = task.cases[0]                                  # not a training user: its nearest are all used
+    knn_top = task.knn_stats(held_out, stats_vector(held_out.stats))
+    assert all(task.candidates(held_out)[t][:3] == knn_top[t] for t in ITEM_TYPES)
+
+
+def test_on_policy_pairs_rank_the_students_samples_and_fall_back_to_the_teacher(corpus, task):
     builder = PromptBuilder()
-    a, b, c = task.train_cases[:3]
+    a, b, c, d = task.train_cases[:4]
     seen_item = next(t for t in ITEM_TYPES if a.seen[t])
-    samples = {a.key: Recommendation(reasoning="r", persona="p", **{t: a.seen[t][:1] if t == seen_item else []
-                                                                  for t in ITEM_TYPES}).to_json(),
-               b.key: "not json at all",
-               c.key: teacher_answer(c, task.teacher).to_json()}
+    repeat = Recommendation(reasoning="r", persona="p", **{t: a.seen[t][:1] if t == seen_item else []
+                                                           for t in ITEM_TYPES}).to_json()
+    good_d = teacher_answer(d, task.teacher).to_json()
+    samples = {a.key: [repeat], b.key: ["not json at all", "nor this"], c.key: [teacher_answer(c, task.teacher).to_json()],
+               d.key: ["not json", good_d, "{}"]}
     rows = recommendation_pairs(task, builder, samples)
-    assert [r["user_id"] for r in rows] == [a.user_id, b.user_id]
-    assert all(r["kind"] == "student_recommendation" for r in rows)
+    assert [r["user_id"] for r in rows] == [a.user_id, b.user_id, d.user_id]   # c: its one sample is the teacher's
+    assert [r["kind"] for r in rows] == ["student_recommendation", "student_recommendation", "student_ranked"]
     assert rows[1]["chosen"][0]["content"] == teacher_answer(b, task.teacher).to_json()
+    assert rows[1]["rejected"][0]["content"] == "not json at all"   # ties: the first worst sample
+    assert rows[2]["chosen"][0]["content"] == good_d and rows[2]["rejected"][0]["content"] == "not json"
     ds = preference_dataset(corpus, kinds=("popularity",), recommendation_rows=rows)
-    assert ds["kind"].count("student_recommendation") == 2
+    assert ds["kind"].count("student_recommendation") == 2 and ds["kind"].count("student_ranked") == 1
+
+
+def test_recommendation_quality_charges_wasted_slots(task):
+    case = next(c for c in task.train_cases if c.seen["apps"])
+    rank = lambda **lists: recommendation_quality(score_answer(case, Recommendation(
+        reasoning="r", persona="p", **{t: lists.get(t, []) for t in ITEM_TYPES}).to_json(), task.vocabulary))
+    assert recommendation_quality(score_answer(case, "no", task.vocabulary)) == -1.0
+    assert rank() == 0.0
+    assert rank(apps=case.seen["apps"][:1]) == pytest.approx(-1 / 9)
+    assert rank(apps=["Not an app"]) == pytest.approx(-1 / 9)
 
 
 def test_generate_reports_cut_off_and_constrained_output_follows_the_schema(tiny_model_dir, tokenizer):
