@@ -61,7 +61,7 @@ def test_prompt_renders_the_statistics_and_no_identifier(history, clusters):
     for identifier in (USER, *STATIONS):
         assert str(identifier) not in text
     assert [m["role"] for m in prompt.messages] == ["system", "user"]
-    assert f"Only 6 records were observed" in text  # tiny history is flagged
+    assert "Only 6 records were observed" in text  # tiny history is flagged
     assert 6 < TINY_HISTORY
 
 
