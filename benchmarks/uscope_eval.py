@@ -9,7 +9,7 @@ One simulated cohort (``--users`` x ``--days``); the demo's recipes and YAMLs
 (``recipes/configs/demo_{sft,dpo,evaluate,novelty}.yaml``) run on it with the sizes below, one after
 another: SFT (profiles + the teacher's recommendations), DPO (``--dpo_samples`` recommendations the SFT
 student samples per training case, ranked against the hidden part: its worst as ``y_l``, its best, or else
-the teacher's, as ``y_w``), then ``recipes/evaluate.py`` and ``recipes/novelty.py`` on the
+the teacher's, as ``y_w``), then ``recipes/novelty.py`` and ``recipes/evaluate.py`` on the
 first ``--eval_users`` held-out (val + test) users. A finished step is reused with ``--keep``.
 
 Last stdout line (and ``benchmarks/results/uscope_eval.json``): ``novelty`` ({method: {apps_hit@3,
@@ -88,12 +88,12 @@ def main() -> dict:
     held_out = ["--sft_adapter", str(d["sft"]), "--dpo_adapter", str(d["dpo"]), "--max_users", str(args.eval_users),
                 "--batch_size", str(args.batch_size), "--stages", *args.stages]
     constrained = ["--constrained_stages", "after SFT", "after DPO"]   # the base model forced into the schema says little
-    seconds["evaluate"] = run("evaluate", ["recipes/evaluate.py", "--config", str(CONFIGS / "demo_evaluate.yaml"), *data,
-                                           *held_out, *constrained, "--output_dir", str(d["evaluation"])],
-                              d["evaluation"] / "evaluation.json", args.keep)
     seconds["novelty"] = run("novelty", ["recipes/novelty.py", "--config", str(CONFIGS / "demo_novelty.yaml"), *data,
                                          *held_out, "--output_dir", str(d["novelty"])],
                              d["novelty"] / "novelty.json", args.keep)
+    seconds["evaluate"] = run("evaluate", ["recipes/evaluate.py", "--config", str(CONFIGS / "demo_evaluate.yaml"), *data,
+                                           *held_out, *constrained, "--output_dir", str(d["evaluation"])],
+                              d["evaluation"] / "evaluation.json", args.keep)
 
     ev = json.loads((d["evaluation"] / "evaluation.json").read_text())
     nov = json.loads((d["novelty"] / "novelty.json").read_text())
