@@ -12,6 +12,10 @@ other train users are left out), so ``augmented`` adds each real user's syntheti
 - ``real_long``: the real training users only;
 - ``augmented``: the real training users plus ``round(ratio x real)`` synthetic users.
 
+The students learn profiles only (``recommend_examples: false``): RQ5 scores profiles, and with the
+recommendation turns mixed into 32 steps the students wrote hybrids of the two answers (schema-valid
+0 for every user in a run that was stopped).
+
 The earlier shorter ``baseline`` (fewer steps, real users only) is not rerun: each student costs
 its SFT steps plus about 5 s of greedy decoding per scored user on one CPU thread, and the steps
 go to the seeds. Scored users (greedy, ``scope.profiles.evaluation.evaluate_student``):
@@ -83,8 +87,8 @@ def main() -> dict:
     parser.add_argument("--synthesis_dir", default=str(ROOT / "runs" / "bench" / "synthesis"))
     parser.add_argument("--work_dir", default=str(ROOT / "runs" / "bench" / "augmentation"))
     parser.add_argument("--cold_records", type=int, default=30, help="records a simulated cold-start user keeps")
-    parser.add_argument("--batch_size", type=int, default=16, help="prompts per greedy decoding batch")
-    parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=26, help="prompts per greedy decoding batch")
+    parser.add_argument("--max_new_tokens", type=int, default=384, help="profiles need ~300 (0 cut off at 384 in uscope_eval)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -107,7 +111,8 @@ def main() -> dict:
     def parse(cohort_dir: Path, extra: list[str]):
         argv = ["--config", str(ROOT / "recipes" / "configs" / "sft_cpu.yaml"), "--cohort_dir", str(cohort_dir),
                 "--teacher_cache_dir", str(synthesis / "teacher_cache"), "--save_strategy", "no", "--report_to", "none",
-                "--resume", "false", "--eval_users", "0", "--threads", str(args.threads), *extra]
+                "--resume", "false", "--eval_users", "0", "--threads", str(args.threads),
+                "--recommend_examples", "false", *extra]   # RQ5 scores profiles: no recommendation turns in the steps
         return TrlParser((sft.SFTScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(args=argv)
 
     # the real cohort with the synthesis sources as its only train users
