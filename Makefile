@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# The main job: every stage on the embedded default -> runs/demo/report/index.html (~30 min on 2 cores, estimated: benchmarks/README.md).
+# The main job: every stage on the embedded default -> runs/demo/report/index.html (~34 min on 2 cores: benchmarks/README.md).
 # Up-to-date stages are skipped, so rerunning resumes an interrupted run. ARGS="--only dpo" reruns one stage,
 # ARGS="--from completion" every stage from one on, ARGS="--force true" all of them.
 demo: $(STAMP)
