@@ -113,6 +113,7 @@ def check_dpo(path, script_args, training_args, model_args):
     _model_config(model_args)
     assert training_args.beta > 0
     assert script_args.sft_adapter, f"{path.name}: DPO trains on top of an SFT adapter"
+    assert script_args.student_samples == yaml.safe_load(path.read_text())["student_samples"] == 4  # ranked pairs
     if "llama31" in path.stem:  # the paper-scale DPO continues the paper-scale SFT of the same base model
         from trl import ModelConfig, SFTConfig, TrlParser
 

@@ -85,13 +85,12 @@ def recommendation_pairs(task, builder, student_answers: dict[str, list[str]]) -
             continue
         quality = [recommendation_quality(score_recommendation(case, a, task.vocabulary)) for a in samples]
         worst, best = int(np.argmin(quality)), int(np.argmax(quality))
-        teacher = teacher_answer(case, task.teacher).to_json()
         if quality[best] > quality[worst]:
             chosen, kind = samples[best], "student_ranked"
-        elif recommendation_quality(score_recommendation(case, teacher, task.vocabulary)) > quality[worst]:
-            chosen, kind = teacher, "student_recommendation"
-        else:
-            continue
+        else:   # all samples tie: the teacher's answer, only when it is better
+            chosen, kind = teacher_answer(case, task.teacher).to_json(), "student_recommendation"
+            if recommendation_quality(score_recommendation(case, chosen, task.vocabulary)) <= quality[worst]:
+                continue
         rows.append({"prompt": task.prompt(case, builder).messages,
                      "chosen": [{"role": "assistant", "content": chosen}],
                      "rejected": [{"role": "assistant", "content": samples[worst]}],
