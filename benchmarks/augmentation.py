@@ -12,7 +12,7 @@ other train users are left out), so ``augmented`` adds each real user's syntheti
 - ``real_long``: the real training users only;
 - ``augmented``: the real training users plus ``round(ratio x real)`` synthetic users.
 
-The students learn profiles only (``recommend_examples: false``): RQ5 scores profiles, and with the
+The students learn profiles only (``recommend_share: 0``): RQ5 scores profiles, and with the
 recommendation turns mixed into 32 steps the students wrote hybrids of the two answers (schema-valid
 0 for every user in a run that was stopped).
 
@@ -112,7 +112,7 @@ def main() -> dict:
         argv = ["--config", str(ROOT / "recipes" / "configs" / "sft_cpu.yaml"), "--cohort_dir", str(cohort_dir),
                 "--teacher_cache_dir", str(synthesis / "teacher_cache"), "--save_strategy", "no", "--report_to", "none",
                 "--resume", "false", "--eval_users", "0", "--threads", str(args.threads),
-                "--recommend_examples", "false", *extra]   # RQ5 scores profiles: no recommendation turns in the steps
+                "--recommend_share", "0", *extra]   # RQ5 scores profiles: no recommendation turns in the steps
         return TrlParser((sft.SFTScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(args=argv)
 
     # the real cohort with the synthesis sources as its only train users

@@ -12,9 +12,14 @@ disagree, loading stops and says so. Entities of another POI width than a checkp
 refused with both widths named; `pad_poi=True` is the documented mapping instead: categories are
 matched by position and missing trailing ones read as zero counts.
 
-Normalisation, fitted on X_train only: log1p, then per-channel standardisation. NJ's test split
-comes from another area, ~60x smaller in scale; in log space that shift is an additive offset,
+Normalisation, fitted on X_train only: log1p, then per-channel standardisation. NJ's val and
+test splits are not other areas: each is one of the 6 training areas (the same POI patch), seen at
+other hours. The test area is a small one (traffic mean ~508 there, ~610 in its own training
+windows, ~32,400 over the whole training split); in log space that level is an additive offset,
 and the completion model also shifts each entity by the mean of its available region.
+
+NJ's file is not shipped: `python -m completion.uomo convert` builds it from UoMo's release
+(`completion.uomo`); a missing file is an error that says so.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import Tensor
 
 from completion.batch import Batch
 from completion.normalization import Log1pStandardizer
-from completion.uomo import UoMoScaler
+from completion.uomo import CITY_FILE_HELP, UoMoScaler
 from scope.io import atomic_path
 
 SPLITS = ("train", "val", "test")
@@ -85,6 +90,8 @@ def _slots_per_day(arrays: dict[str, np.ndarray], path: Path, given: int) -> int
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise ValueError(f"{path}: no such city file. {CITY_FILE_HELP}")
     try:
         with np.load(path) as f:
             arrays = {k: f[k] for k in f.files}

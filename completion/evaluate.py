@@ -51,13 +51,15 @@ def task_regions(batch: Batch, task_name: str, config: TaskConfig, seed: int = 0
 def evaluate(method, batch: Batch, task_name: str, config: TaskConfig,
              inverse: Callable[[Tensor], Tensor] | None = None, seed: int = 0,
              sparsity: Sparsity | None = None, level: float = 0.9,
-             recommend_channels: list[int] | None = None) -> dict:
+             recommend_channels: list[int] | None = None, per_entity: bool = False) -> dict:
     """The one scoring of a completion method on one task of a split (the recipes and the
     benchmarks all use it): point errors per channel, their means over channels (`rmse_mean`,
     `mae_mean`, the numbers the comparisons rank by), `ms_per_entity` of the predict call, and the
     number of target entries. A method that leaves its samples in `method.samples`
     (`DiTForecaster`) also gets CRPS and `level` coverage; `recommend_channels` adds the
-    recommendation scores of those channels (cold start)."""
+    recommendation scores of those channels (cold start); `per_entity` adds each entity's summed
+    squared error and number of target entries per channel (`entity_sq_error`, `entity_targets`,
+    [B, C] tensors), from which a bootstrap over entities rescores the RMSE."""
     task, regions = task_regions(batch, task_name, config, seed, sparsity)
     start = time.perf_counter()
     pred = method.predict(batch, task, regions)
@@ -72,6 +74,11 @@ def evaluate(method, batch: Batch, task_name: str, config: TaskConfig,
     if recommend_channels:
         report["recommendation"] = recommendation_report(pred, batch.x, regions.target, recommend_channels, inverse)
     report["target_entries"] = int(regions.target.sum())
+    if per_entity:
+        w = regions.target.to(pred.dtype)
+        dims = list(range(2, pred.dim()))
+        report["entity_sq_error"] = ((pred - batch.x) ** 2 * w).sum(dims)
+        report["entity_targets"] = w.sum(dims)
     report["ms_per_entity"] = 1000 * seconds / len(batch)
     return report
 

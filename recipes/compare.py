@@ -5,7 +5,8 @@ cold-start, on per-user tensors or a UoMo-format city file.
         --engine_dir runs/demo/completion --output_dir runs/demo/compare [--compare_entities 32]
 
 Reads the trained engine of ``recipes/complete.py train`` (``engine_dir``, by default the config's
-``output_dir``, where training wrote it) and scores with ``completion.evaluate.evaluate``, on the same
+``output_dir``, where training wrote it) with its calibration to this data
+(``calibration_<data>.json`` there, as evaluate and predict apply it) and scores with ``completion.evaluate.evaluate``, on the same
 regions (same targets, same available region; completion.evaluate.task_regions with a fixed
 seed): persistence (the last available value), the historical average (with the slot-of-day
 profile fitted on train), ARIMA(1,0,0) with a daily Fourier regressor (short / long only: it needs
@@ -17,11 +18,14 @@ cold-start, when ``eval_tasks`` has it, on ``cold_split`` (default: the ``cold``
 per-user tensors, ``split`` on a city file), with app-category recommendation (Recall / NDCG @k of
 the categories used in the target period) where the data has app channels. Writes
 ``comparison.json`` and ``comparison.md`` (whose first line names the best method per task)
-under ``output_dir``.
+under ``output_dir``; ``engine_minus_baseline`` holds, per task and simple baseline, the engine's
+``rmse_norm`` minus the baseline's with a paired bootstrap 95% CI over users (entities on a city file).
 """
 
+import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,9 +39,10 @@ from completion.model import ModelConfig
 from completion.recommend import app_channels
 from completion.tasks import TaskConfig
 from completion.train import CHECKPOINT, TrainConfig, checkpoint_configs, load_model
-from recipes.complete import CompleteArguments, Configs, _evidence, load_split
+from recipes.complete import CompleteArguments, Configs, _evidence, calibration_path, load_split
 from scope.cli import parse_config, run_recipe
 from scope.io import write_json, write_text
+from scope.metrics import bootstrap_weights
 
 ENGINE = "engine (U-MASK + DiT over the prior)"
 
@@ -62,12 +67,14 @@ def _subset(data, n: int):
     return data
 
 
-def score(method, data, task_name: str, cfg: Configs, recommend: bool) -> dict:
-    """`completion.evaluate.evaluate`, summarised over channels (all, and the app categories)."""
+def score(method, data, task_name: str, cfg: Configs, recommend: bool) -> tuple[dict, tuple]:
+    """`completion.evaluate.evaluate`, summarised over channels (all, and the app categories), and the
+    per-entity errors (squared error, target entries [B, C]) that :func:`rmse_difference` resamples."""
     has_apps = any(c.startswith("app:") for c in data.channels)
     apps = app_channels(data.channels) if has_apps else list(range(len(data.channels)))
     report = evaluate(method, data.batch, task_name, cfg.task, data.inverse, cfg.train.seed,
-                      recommend_channels=app_channels(data.channels) if recommend and has_apps else None)
+                      recommend_channels=app_channels(data.channels) if recommend and has_apps else None,
+                      per_entity=True)
     rmse_o, mae_o = torch.tensor(report["rmse_orig"]), torch.tensor(report["mae_orig"])
     out = {"rmse_norm": report["rmse_mean"], "mae_norm": report["mae_mean"],
            "rmse_apps": rmse_o[apps].nanmean().item(), "mae_apps": mae_o[apps].nanmean().item(),
@@ -75,7 +82,28 @@ def score(method, data, task_name: str, cfg: Configs, recommend: bool) -> dict:
            "entities": len(data.batch), "target_entries": report["target_entries"],
            "ms_per_entity": report["ms_per_entity"]}
     out.update({k: v for k, v in report.get("recommendation", {}).items() if k.startswith(("recall@", "ndcg@", "users"))})
-    return out
+    return out, (report["entity_sq_error"].double().numpy(), report["entity_targets"].double().numpy())
+
+
+def rmse_difference(a: tuple, b: tuple, clusters=None, n_boot: int = 2000, seed: int = 0) -> dict:
+    """``rmse_norm`` of ``a`` minus that of ``b`` (per-entity errors of :func:`score` on the same
+    entities) and its percentile bootstrap 95% CI, resampling ``clusters`` (each entity's user; None:
+    the entities themselves) with replacement, each with all its entities."""
+    (sq_a, n), (sq_b, _) = a, b
+    ids = np.unique(np.arange(len(n)) if clusters is None else np.asarray(clusters), return_inverse=True)[1]
+    k = int(ids.max()) + 1
+    sums = []
+    for x in (sq_a, sq_b, n):
+        sums.append(np.zeros((k, x.shape[1])))
+        np.add.at(sums[-1], ids, x)
+    weights = bootstrap_weights(k, n_boot, seed)   # row 0: the sample itself, then the resamples
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # a resample without targets in a channel
+        rmse = [np.nanmean(np.sqrt((weights @ s) / (weights @ sums[2])), 1) for s in sums[:2]]
+    diff = rmse[0] - rmse[1]
+    lo, hi = np.nanquantile(diff[1:], [0.025, 0.975])
+    return {"mean": float(diff[0]), "ci95": [float(lo), float(hi)], "clusters": k,
+            "resampled": "entities" if clusters is None else "users"}
 
 
 def headline(table: dict) -> str:
@@ -122,6 +150,9 @@ def main(cfg: Configs, compare: CompareArguments) -> dict:
     model = load_model(path).to(cfg.train.device)
     train = load_split(cfg, "train", model_config.cell_dim)
     model.set_slots_per_day(train.slots_per_day)
+    calibration = calibration_path(compare.engine_dir or args.output_dir, args.data_name)
+    if calibration.exists():   # the engine that evaluate scores: residual weight and spread fitted on val
+        model.load_calibration(json.loads(calibration.read_text()))
     cold_split = compare.cold_split or ("cold" if args.data == "tensors" else args.split)
     splits = {t: (cold_split if t == "cold" else args.split) for t in args.eval_tasks}
     data = {s: _subset(load_split(cfg, s, model_config.cell_dim), compare.compare_entities)
@@ -140,23 +171,28 @@ def main(cfg: Configs, compare: CompareArguments) -> dict:
                "DiT, whole available region": DiTForecaster(model, "available", args.n_samples, args.sampler_steps,
                                                             seed),
                ENGINE: DiTForecaster(model, _evidence(args, path), args.n_samples, args.sampler_steps, seed)}
-    table, skipped = {}, {}
+    table, skipped, differences = {}, {}, {}
     for task_name, split in splits.items():
         d = data[split]
-        rows = {}
+        rows, errors = {}, {}
         for name, method in methods.items():
             if method is None or len(d.batch) == 0:
                 continue
             try:
-                rows[name] = score(method, d, task_name, cfg, recommend=task_name == "cold")
+                rows[name], errors[name] = score(method, d, task_name, cfg, recommend=task_name == "cold")
             except ValueError as err:  # ARIMA: missing days leave no history prefix to fit a series on
                 skipped[f"{name} ({task_name})"] = str(err)
                 continue
             print(f"{task_name}/{name}: rmse_norm {rows[name]['rmse_norm']:.4f}", flush=True)
         table[task_name] = rows
+        if ENGINE in errors:
+            differences[task_name] = {name: rmse_difference(errors[ENGINE], e, d.user_id)
+                                      for name, e in errors.items() if not name.startswith(("engine", "DiT"))}
     summary = headline(table)
     report = {"headline": summary, "split": args.split, "cold_split": cold_split,
+              "calibration": str(calibration) if calibration.exists() else None,
               "entities": {s: len(d.batch) for s, d in data.items()}, "tasks": table, "skipped": skipped,
+              "engine_minus_baseline": differences,
               "patchtst_final_loss": float(np.mean(losses[-20:])) if losses else None,
               "wall_s": round(time.perf_counter() - start, 1),
               "note": "RMSE/MAE on target entries only; *_norm in log1p z-scored units (mean over channels), "

@@ -212,8 +212,14 @@ def _evidence(args: CompleteArguments, path: Path) -> str:
     return "available" if train_config is not None and train_config.mask != "umask" else "umask"
 
 
+def calibration_path(engine_dir: str | Path, data_name: str) -> Path:
+    """Where ``calibrate`` writes an engine's calibration to one data file (evaluate, predict and
+    ``recipes/compare.py`` apply it)."""
+    return Path(engine_dir) / f"calibration_{data_name}.json"
+
+
 def _calibration_path(args: CompleteArguments) -> Path:
-    return Path(args.output_dir) / f"calibration_{args.data_name}.json"
+    return calibration_path(args.output_dir, args.data_name)
 
 
 def _model_and_split(cfg: Configs, split: str, calibrated: bool = True):

@@ -92,10 +92,9 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
         picked = sorted(rng.permutation(len(task.train_cases))[: script_args.student_negative_cases])
         cases = [task.train_cases[i] for i in picked]
         n = script_args.student_samples
-        prompts = [p for p in task.prompts(builder, cases) for _ in range(n)]
-        samples = generate(model, tokenizer, prompts, max_new_tokens=script_args.recommend_max_new_tokens,
+        samples = generate(model, tokenizer, task.prompts(builder, cases), max_new_tokens=script_args.recommend_max_new_tokens,
                            batch_size=script_args.generation_batch_size, temperature=script_args.student_temperature,
-                           seed=training_args.seed)
+                           seed=training_args.seed, samples=n)
         answers = {c.key: [g.text for g in samples[i * n:(i + 1) * n]] for i, c in enumerate(cases)}
         recommendation_rows = recommendation_pairs(task, builder, answers)
         log.info("on-policy recommendation pairs: %d of %d cases (%d samples each)", len(recommendation_rows), len(cases), n)

@@ -8,7 +8,9 @@ learnt) and constrained to the profile schema (what a user gets); each metric ca
 95% CI over users, and the throughput (users/s) of both decodings is logged. Each (stage, decoding)
 pass saves its answers as it ends; a rerun with the same settings reuses them (resume). With both the SFT and
 the DPO stage, ``dpo_effect`` holds the share of answers DPO changed and the paired after-DPO minus
-after-SFT difference of grounding@3 and field agreement, with CIs. Writes ``evaluation.md`` (the
+after-SFT difference of grounding@3 and field agreement, with CIs. The teacher's profiles are scored
+the same way (``teacher_scores``), and ``vs_teacher`` holds the final student (unconstrained when decoded
+so) minus the teacher, paired per user, for schema_valid and grounding@3. Writes ``evaluation.md`` (the
 tables), ``evaluation.json`` and each stage's answers under ``output_dir``.
 """
 
@@ -90,6 +92,15 @@ def main(args: EvaluateArguments) -> dict:
                                      for s, a in zip(scores[stage, decoding], answers[stage, decoding])))
             log.info("%s, %s: %s", stage, decoding, rows[stage][decoding])
     result = {"stages": rows, "decodings": list(args.decodings), "teacher": corpus.teacher_name}
+    # the teacher's own profiles scored the same way, and the final student against them (paired, per user)
+    teacher_scores = [score_answer(p.user_id, t.to_json(), t, p.stats) for p, t in zip(prompts, teacher)]
+    result["teacher_scores"] = summarize_with_ci(teacher_scores)
+    final = list(adapters)[-1]
+    final_decoding = next((d for d in DECODINGS if (final, d) in scores), None)
+    if final_decoding:
+        result["vs_teacher"] = {"stage": final, "decoding": final_decoding, **{
+            metric: paired_difference(teacher_scores, scores[final, final_decoding], metric)
+            for metric in ("schema_valid", "grounding@3")}}
     both = [d for d in args.decodings if ("after SFT", d) in answers and ("after DPO", d) in answers]
     if both:
         result["dpo_effect"] = {decoding: {

@@ -8,8 +8,9 @@ hit@k and recall@k (k = 1, 3) are scored against what the user took up in the hi
 methods, on the same cases: popularity among the training users, item-kNN by raw statistics and by
 ``h_u`` (Sentence-BERT of the grounded profile, Eq. 24), the grounded teacher, and the student
 before SFT, after SFT and after DPO (decoding constrained to the candidate names by default:
-what a user gets). Writes ``novelty.json`` (means, bootstrap 95% CIs, excluded cases, unknown
-names, and the after-DPO minus after-SFT paired difference), ``novelty.md`` and the answers; a
+what a user gets). Writes ``novelty.json`` (means, 95% CIs by a bootstrap over users, excluded cases, unknown
+names, the after-DPO minus after-SFT paired difference, and ``vs_baselines``: the final student minus
+each of popularity and the kNNs, paired), ``novelty.md`` and the answers; a
 rerun with the same settings reuses each stage's saved answers (resume).
 """
 
@@ -25,13 +26,14 @@ from scope.io import write_json, write_text
 from scope.profiles.corpus import build_corpus
 from scope.profiles.evaluation import HeldOutArguments, changed_share, generate, previous_pass, stage_adapters
 from scope.profiles.llms import EMBEDDER, load_embedder, load_student, load_tokenizer
-from scope.profiles.novelty import (ITEM_TYPES, NoveltyTask, novelty_summary, paired_difference, recommendation_schema,
-                                    score_answer)
+from scope.profiles.novelty import (CI_METHOD, ITEM_TYPES, NoveltyTask, novelty_summary, paired_difference,
+                                    recommendation_schema, score_answer)
 from scope.profiles.prompts import PromptBuilder
 from scope.profiles.sft import set_stop_token
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "novelty.yaml"
 log = logging.getLogger("recipes.novelty")
+BASELINES = ("popularity", "kNN (statistics)", "kNN (h_u)")   # the recommenders the student should beat
 
 
 @dataclass
@@ -96,13 +98,17 @@ def main(args: NoveltyArguments) -> dict:
     methods = {name: novelty_summary(s) for name, s in scores.items()}
     result = {"users": len(users), "cases": len(task.cases), "cuts": list(args.cuts), "excluded": task.excluded,
               "train_cases": len(task.train_cases), "decoding": "constrained" if args.constrained else "unconstrained",
-              "cases_per_s": speed, "methods": methods}
+              "cases_per_s": speed, "ci95_method": CI_METHOD, "methods": methods}
     if "after SFT" in answers and "after DPO" in answers:
         result["dpo_effect"] = {"changed_share": changed_share(answers["after SFT"], answers["after DPO"]),
                                 "mean_hit@3": paired_difference(scores["student after SFT"], scores["student after DPO"])}
+    student = f"student {list(adapters)[-1]}"   # the final student against each baseline, paired on the same cases
+    result["vs_baselines"] = {"student": student, "mean_hit@3": {
+        name: paired_difference(scores[name], scores[student]) for name in BASELINES if name in scores}}
     text = table(methods)
     write_text(out / "novelty.md", f"Novelty recommendation: {len(task.cases)} cases of {len(users)} held-out users "
-                                   f"(cuts {', '.join(args.cuts)}; excluded {task.excluded}); mean [bootstrap 95% CI].\n\n{text}\n")
+                                   f"(cuts {', '.join(args.cuts)}; excluded {task.excluded}); "
+                                   f"mean over cases [95% CI, {CI_METHOD}].\n\n{text}\n")
     write_json(out / "novelty.json", result)
     print(text)
     return result

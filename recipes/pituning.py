@@ -14,7 +14,8 @@ library config and the run's own keys at the top (:class:`PITuningRun`); ``seed`
 writes its artifact atomically under ``output_dir`` and is skipped when that artifact exists
 (population/model.safetensors, student/model.safetensors); inside a stage, training resumes from
 its checkpoint. TensorBoard logs go to ``output_dir/tb``. Outputs: ``report.json`` (metrics of
-every model, forgotten sets, the teacher on the held-out population validation users, student
+every model, each model's per-user intent counts ``class_counts`` for paired bootstraps over
+users, forgotten sets, the teacher on the held-out population validation users, student
 size, CPU latency of eager PyTorch and ONNX Runtime fp32 / int8, top-1 agreement), ``results.md``
 and one exported student per individual user (``users/user-<id>/student.safetensors``,
 ``student.onnx``, ``student.int8.onnx``).
@@ -35,7 +36,8 @@ from scope.data.simulate import CohortConfig
 from scope.io import write_json, write_text
 from scope.pituning.data import SampleConfig
 from scope.pituning.derive import DeriveConfig
-from scope.pituning.evaluate import individual_test, intent_metrics, pooled, rarest_intents, results_table, score
+from scope.pituning.evaluate import (individual_test, intent_metrics, pooled, rarest_intents, results_table, score,
+                                     user_class_counts)
 from scope.pituning.export import on_device_figures
 from scope.pituning.individual import IndividualConfig, tune_individuals
 from scope.pituning.model import PredictorConfig
@@ -113,13 +115,16 @@ def main(cfg: PITuningConfig) -> dict:
 
     test = individual_test(data)
     _, held_out = data.population_val_halves()
-    rows = {"population model (no individual tuning)": score(predict(teacher, test), test.intent, data),
-            "distilled student (no individual tuning)": score(predict(student, test), test.intent, data),
-            "PITuning" if cfg.individual.unlearning else "PITuning w/o unlearning": score(*pooled(results), data)}
+    tuned = torch.cat([torch.full((len(r.labels),), r.user_id) for r in results])   # the user of each pooled point
+    predictions = {"population model (no individual tuning)": (predict(teacher, test), test.intent, test.user),
+                   "distilled student (no individual tuning)": (predict(student, test), test.intent, test.user),
+                   "PITuning" if cfg.individual.unlearning else "PITuning w/o unlearning": (*pooled(results), tuned)}
+    rows = {name: score(s, y, data) for name, (s, y, _) in predictions.items()}
     sizes = [Path(r.path).stat().st_size for r in results if r.path]
     device_figures = on_device_figures([Path(r.path).parent for r in results if r.path], data)
     report = {
         "config": asdict(cfg), "data": data.summary(), "metrics": rows,
+        "class_counts": {name: user_class_counts(s, y, u, data.n_intents) for name, (s, y, u) in predictions.items()},
         "teacher_population_val": {k: round(v, 4) for k, v in intent_metrics(predict(teacher, held_out),
                                                                                held_out.intent).items()},
         "rarest_intents": [data.intents[i] for i in rarest_intents(data)],

@@ -24,7 +24,7 @@ from scope.profiles.evaluation import held_out_metrics
 from scope.profiles.llms import LOADER_KEYS, LORA_KEYS, load_model, load_model_tokenizer
 from scope.profiles.novelty import NoveltyTask
 from scope.profiles.prompts import PromptBuilder
-from scope.profiles.sft import set_stop_token, sft_dataset, train_and_save, write_model_card
+from scope.profiles.sft import recommendation_mix, set_stop_token, sft_dataset, train_and_save, write_model_card
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft_cpu.yaml"
 # The trl.ModelConfig keys this recipe honours: the loader's (scope.profiles.llms.load_model) and the LoRA's.
@@ -51,7 +51,9 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     out = Path(training_args.output_dir)
     corpus = build_corpus(script_args, report_dir=out)
     recommendations = (NoveltyTask.build(corpus, script_args, [], script_args.train_splits).teacher_examples(PromptBuilder())
-                       if script_args.recommend_examples else [])
+                       if script_args.recommend_share > 0 else [])
+    recommendations = recommendation_mix(recommendations, len(corpus.profiled(*script_args.train_splits)),
+                                         script_args.recommend_share, training_args.seed)
     train = sft_dataset(corpus, script_args.train_splits, recommendations)
     val = sft_dataset(corpus, ["val"]) if corpus.profiled("val") and training_args.eval_strategy != "no" else None
 

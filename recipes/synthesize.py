@@ -8,7 +8,9 @@ synthetic cohort under the trace grammar's constraint, report its fidelity.
 
 Under ``output_dir``: ``model/`` (LoRA adapter, tokenizer, ``grammar.json``, ``train_traces.txt``,
 model card), ``cohort/`` (the synthetic Tsinghua-format files, ``profiles.jsonl``,
-``generation.json``, ``shards/``), ``report/`` (``fidelity.json`` and PNG figures). ``train``
+``generation.json``, ``shards/``), ``report/`` (``fidelity.json``, with ``vs_ceiling_pearson_r``: the
+synthetic cohort's Eq. 26 r minus the grammar ceiling's, paired bootstrap CI over the source users, and
+PNG figures). ``train``
 resumes from its last checkpoint and ``generate`` from its last complete shard. The three stages
 are also functions (:func:`train`, :func:`generate`, :func:`report`) taking the parsed dataclasses.
 Keys: scope.synthesis.generation.SynthesisArguments + trl.SFTConfig + trl.ModelConfig.
@@ -32,7 +34,7 @@ from scope.profiles.corpus import build_corpus
 from scope.profiles.llms import (LOADER_KEYS, LORA_KEYS, load_model, load_model_tokenizer, load_student,
                                  load_tokenizer)
 from scope.profiles.sft import train_and_save, write_model_card
-from scope.synthesis.fidelity import fidelity_report
+from scope.synthesis.fidelity import fidelity_report, pearson_difference
 from scope.synthesis.generation import (GRAMMAR_FILE, TRAIN_TRACES_FILE, RecordPools, SynthesisArguments,
                                         check_output_dir, generate_shards, grammar_of, load_grammar, plan_requests,
                                         read_profiles, save_grammar, serialise_cohort, trace_examples, write_cohort,
@@ -181,6 +183,11 @@ def report(script_args: SynthesisArguments, training_args: SFTConfig, model_args
         by_user.setdefault(w.user_id, []).append(w)
     ceiling = written_back_events(by_user, grammar, pools, corpus.cohort.app_category, seed=script_args.synthesis_seed)
     extra = {"synthetic_users": len(profiles), "source_users": len(sources), "test_users": len(test_users)}
+    if len(ceiling):   # the synthetic cohort's r minus the ceiling's, paired over the source users
+        as_sources = synthetic.events.assign(
+            user_id=profiles["source_user_id"].reindex(synthetic.events["user_id"].to_numpy()).to_numpy())
+        extra["vs_ceiling_pearson_r"] = pearson_difference(real, as_sources, ceiling, corpus.cohort.base_poi,
+                                                           len(corpus.cohort.categories), sources)
     generation = cohort_dir / "generation.json"
     if generation.exists():
         g = json.loads(generation.read_text())

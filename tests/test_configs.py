@@ -114,6 +114,8 @@ def check_dpo(path, script_args, training_args, model_args):
     assert training_args.beta > 0
     assert script_args.sft_adapter, f"{path.name}: DPO trains on top of an SFT adapter"
     assert script_args.student_samples == yaml.safe_load(path.read_text())["student_samples"] == 4  # ranked pairs
+    # the SFT anchor (the NLL of y_w) keeps the answers valid JSON: every DPO recipe, CPU and GPU, has it
+    assert list(training_args.loss_type) == ["sigmoid", "sft"] and len(training_args.loss_weights) == 2, path.name
     if "llama31" in path.stem:  # the paper-scale DPO continues the paper-scale SFT of the same base model
         from trl import ModelConfig, SFTConfig, TrlParser
 

@@ -211,3 +211,70 @@ def test_demo_data_stages_end_to_end(tmp_path):
     assert demo.main(args) == 0  # everything up to date: skipped
     rows = json.loads((tmp_path / "pipeline.json").read_text())["stages"]
     assert [r["status"] for r in rows[:3]] == ["skipped"] * 3
+
+
+# A stage that records when it ran: [start, end] in out/span.json, after sleeping.
+SLEEPER = textwrap.dedent("""
+    import json, pathlib, sys, time
+    out, seconds = pathlib.Path(sys.argv[1]), float(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time(); time.sleep(seconds)
+    (out / "span.json").write_text(json.dumps([start, time.time()]))
+""")
+
+
+def test_two_jobs_overlap_independent_stages_and_keep_dependencies(tmp_path):
+    (tmp_path / "sleep.py").write_text(SLEEPER)
+
+    def stage(name, needs=(), inputs=()):
+        folder = tmp_path / "run" / name
+        return Stage(name, [[sys.executable, str(tmp_path / "sleep.py"), str(folder), "1.0"]], folder,
+                     outputs=[folder / "span.json"], needs=list(needs), inputs=list(inputs))
+    a = stage("a")
+    b = stage("b", needs=["a"])
+    c = stage("c")                                     # independent of a and b
+    d = stage("d", inputs=[b.folder, c.folder])        # waits for both through its inputs
+    results = run_pipeline([a, b, c, d], cwd=tmp_path, jobs=2, quiet=True, print_fn=lambda s: None)
+    assert statuses(results) == ["done"] * 4
+    span = {s: json.loads((tmp_path / "run" / s / "span.json").read_text()) for s in "abcd"}
+    assert span["c"][0] < span["a"][1]                 # c ran beside a
+    assert span["b"][0] >= span["a"][1]                # b waited for a
+    assert span["d"][0] >= max(span["b"][1], span["c"][1])
+
+
+def test_two_jobs_a_failure_blocks_its_dependants_only(tmp_path, chain):
+    a, b, c = chain(tag_b="fail")
+    (tmp_path / "other.txt").write_text("other")
+    other = toy(tmp_path, "other", tmp_path / "other.txt")
+    results = run_pipeline([a, b, c, other], cwd=tmp_path, jobs=2, keep_going=True, quiet=True,
+                           print_fn=lambda s: None)
+    assert statuses(results) == ["done", "failed", "blocked", "done"]
+    with pytest.raises(PipelineError, match="stage b failed"):
+        run_pipeline(chain(tag_b="fail"), cwd=tmp_path, jobs=2, quiet=True, print_fn=lambda s: None)
+
+
+def test_floor_warnings_of_a_finished_stage_reach_its_log(tmp_path, chain):
+    a, b, c = chain()
+    lines = []
+    run_pipeline([a, b, c], cwd=tmp_path, quiet=True, print_fn=lines.append,
+                 on_done=lambda stage: ["schema_valid 0.10 < 0.5"] if stage.name == "b" else [])
+    assert "WARNING (result below its floor): schema_valid 0.10 < 0.5" in (tmp_path / "run" / "b" / "stage.log").read_text()
+    assert any("b: WARNING" in line for line in lines)
+    assert "WARNING" not in (tmp_path / "run" / "c" / "stage.log").read_text()
+
+
+def test_the_demo_teacher_reaches_every_profiling_stage_and_jobs_set_priorities():
+    from recipes.demo import CRITICAL_PATH, parse, stages
+
+    args = parse(["--config", "recipes/configs/demo.yaml", "--output_dir", "/tmp/x", "--teacher", "endpoint",
+                  "--teacher_model", "qwen3", "--teacher_base_url", "http://127.0.0.1:8080/v1"])
+    by_name = {s.name: s for s in stages(args)}
+    for name in ("sft", "dpo", "evaluate", "novelty", "embed", "synthesis"):
+        for command in by_name[name].commands:
+            line = " ".join(command)
+            assert "--teacher endpoint --teacher_model qwen3 --teacher_base_url http://127.0.0.1:8080/v1" in line, name
+            assert "--teacher_cache_dir /tmp/x/teacher_cache" in line, name
+    assert {s.name for s in by_name.values() if s.nice == 0} == set(CRITICAL_PATH)
+    assert all(s.env["OMP_WAIT_POLICY"] == "PASSIVE" for s in by_name.values())
+    sequential = stages(parse(["--config", "recipes/configs/demo.yaml", "--jobs", "1"]))
+    assert all(s.nice == 0 and "OMP_WAIT_POLICY" not in s.env for s in sequential)

@@ -42,11 +42,26 @@ class Generation:
     new_tokens: int
 
 
+def shared_prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeats: int):
+    """The KV cache of every left-padded prompt but its last token, computed once and repeated
+    ``repeats`` times per prompt (rows in ``repeat_interleave`` order): ``generate`` then prefills only
+    the last token of each copy, so n samples of one prompt cost one prefill, not n."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)   # as generate numbers them
+    cache = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+                  use_cache=True).past_key_values
+    cache.batch_repeat_interleave(repeats)
+    return cache
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[UserPrompt], *, max_new_tokens: int = 512, batch_size: int = 8,
-             schema: dict | None = None, temperature: float = 0.0, seed: int = 0) -> list[Generation]:
+             schema: dict | None = None, temperature: float = 0.0, seed: int = 0, samples: int = 1) -> list[Generation]:
     """Answers of a chat model to each prompt, in left-padded batches: greedy at ``temperature`` 0,
-    sampled above; with ``schema``, constrained token by token to it (``outlines``, batched)."""
+    sampled above; with ``schema``, constrained token by token to it (``outlines``, batched).
+    ``samples`` answers per prompt (unconstrained; consecutive in the result) share one prefill of
+    the prompt (:func:`shared_prefix_cache`); a batch holds ``batch_size`` answers."""
+    if samples > 1 and schema is not None:
+        raise ValueError("samples > 1 is for unconstrained decoding only")
     model.eval()
     torch.manual_seed(seed)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -65,8 +80,13 @@ def generate(model, tokenizer, prompts: list[UserPrompt], *, max_new_tokens: int
             return out
         stops = {t for t in (model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
                              else [model.generation_config.eos_token_id]) if t is not None}
-        for i in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        step = max(1, batch_size // samples)   # prompts per batch
+        for i in range(0, len(texts), step):
+            batch = tokenizer(texts[i:i + step], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            if samples > 1:
+                cache = shared_prefix_cache(model, batch["input_ids"], batch["attention_mask"], samples)
+                batch = {k: v.repeat_interleave(samples, 0) for k, v in batch.items()}
+                sampling["cache"] = cache
             ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
             new = ids[:, batch["input_ids"].shape[1]:]
             for row, text in zip(new, tokenizer.batch_decode(new, skip_special_tokens=True)):

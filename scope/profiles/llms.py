@@ -127,7 +127,8 @@ def resolve_model(name: str) -> str:
         return str(folder)
     if name == EMBEDDER:
         return str(embedder_path())
-    looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", os.sep, 1) or Path(name).exists()
+    # a path, not a Hub id: starts like one or holds a backslash (a Hub id is "org/name", checked below)
+    looks_local = name.startswith((".", "/", "~")) or "\\" in name
     if Path(name).expanduser().exists():
         if not (Path(name).expanduser() / "config.json").exists() and not (Path(name).expanduser() / "adapter_config.json").exists():
             raise ModelNotFoundError(f"model folder {name} has no config.json")

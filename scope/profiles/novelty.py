@@ -62,12 +62,15 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from scope.data.statistics import UserStatistics, user_statistics
-from scope.metrics import bootstrap_ci
+from scope.metrics import cluster_bootstrap_ci, cluster_bootstrap_means
 from scope.profiles.prompts import PromptBuilder, UserPrompt
 from scope.profiles.schema import ProfileError, parse_answer
 from scope.profiles.teachers import infer_persona, intent_of
 
 ITEM_TYPES = ("apps", "places", "intents")
+# How every CI of this module is drawn: a user contributes up to one case per cut, so the cases of a
+# user are resampled together (scope.metrics.cluster_bootstrap_ci).
+CI_METHOD = "bootstrap over users (cluster)"
 CUTS = ("first_days", "removed")
 KS = (1, 3)
 
@@ -83,7 +86,7 @@ class NoveltyConfig:
     seen_share: float = 0.01          # an item is seen with at least this share of the visible records
     target_share: float = 0.03        # ... and a target with this share of the hidden records (and not seen)
     novelty_seed: int = 0             # which apps / places a 'removed' cut draws
-    recommend_examples: bool = True   # SFT and DPO data include the teacher's recommendations (train users)
+    recommend_share: float = 0.25     # share of the SFT examples that are the teacher's recommendations (0 = none)
     recommend_max_new_tokens: int = 160
     intent_candidates: int = 12       # intents listed in the prompt (by similar users' evidence)
 
@@ -93,6 +96,8 @@ class NoveltyConfig:
             raise ValueError(f"cuts {self.cuts}: expected a non-empty list of {list(CUTS)}")
         if self.visible_days < 1 or min(self.removed_apps, self.removed_places) < 0:
             raise ValueError("visible_days must be >= 1, removed_apps / removed_places >= 0")
+        if not 0 <= self.recommend_share < 1:
+            raise ValueError(f"recommend_share must be in [0, 1), got {self.recommend_share}")
         if self.intent_candidates < 1:
             raise ValueError(f"intent_candidates must be >= 1, got {self.intent_candidates}")
         if not 0 < self.seen_share <= self.target_share < 1:
@@ -401,39 +406,41 @@ def score_answer(case: NoveltyCase, answer: str, vocabulary: Vocabulary, cut_off
 
 
 def novelty_summary(scores: Sequence[CaseScore], n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean and bootstrap 95% CI (over cases) of every metric; ``mean_hit@3`` averages the three types."""
-    out = {"cases": len(scores), "valid": float(np.mean([s.valid for s in scores])) if scores else float("nan"),
+    """Mean over cases and 95% CI of every metric, the CI a bootstrap over users (cluster: a resampled
+    user brings all its cases); ``mean_hit@3`` averages the three types."""
+    out = {"cases": len(scores), "users": len({s.user_id for s in scores}), "ci95_method": CI_METHOD,
+           "valid": float(np.mean([s.valid for s in scores])) if scores else float("nan"),
            "cut_off": int(sum(s.cut_off for s in scores)),
            "unknown_names": sorted({u for s in scores for u in s.unknown})}
     keys = [f"{t}_{m}@{k}" for t in ITEM_TYPES for m in ("hit", "recall") for k in KS]
     for key in keys:
         values = np.array([s.scores[key] for s in scores], float)
-        values = values[~np.isnan(values)]
-        mean, lo, hi = bootstrap_ci(values, n_boot, seed)
-        out[key] = {"mean": mean, "ci95": [lo, hi], "n": int(values.size)}
+        mean, lo, hi = cluster_bootstrap_ci(values, [s.user_id for s in scores], n_boot, seed)
+        out[key] = {"mean": mean, "ci95": [lo, hi], "n": int((~np.isnan(values)).sum())}
     out["mean_hit@3"] = dict(zip(("mean", "ci95"), _mean_over_types(scores, n_boot, seed)))
     return out
 
 
 def _mean_over_types(scores: Sequence[CaseScore], n_boot: int, seed: int) -> tuple[float, list[float]]:
-    """Mean over item types of hit@3, with a bootstrap CI that resamples cases."""
+    """Mean over item types of hit@3 (each type's mean over its cases), with a CI that resamples
+    users with all their cases (:func:`scope.metrics.cluster_bootstrap_means`)."""
     table = np.array([[s.scores[f"{t}_hit@3"] for t in ITEM_TYPES] for s in scores], float).reshape(-1, len(ITEM_TYPES))
     if not len(table):
         return float("nan"), [float("nan"), float("nan")]
-    point = float(np.nanmean(np.nanmean(table, 0)))
-    rng = np.random.default_rng(seed)
-    draws = table[rng.integers(0, len(table), (n_boot, len(table)))]
+    draws = cluster_bootstrap_means(table, [s.user_id for s in scores], n_boot, seed)   # [n_boot, types]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)   # a resample without any target of a type
-        boots = np.nanmean(np.nanmean(draws, 1), 1)
+        warnings.simplefilter("ignore", RuntimeWarning)   # a type without any target (in a resample)
+        point = float(np.nanmean(np.nanmean(table, 0)))
+        boots = np.nanmean(draws, 1)
     lo, hi = np.nanquantile(boots, [0.025, 0.975])
     return point, [float(lo), float(hi)]
 
 
 def paired_difference(a: Sequence[CaseScore], b: Sequence[CaseScore], metric: str = "mean_hit@3",
                       n_boot: int = 2000, seed: int = 0) -> dict:
-    """``b - a`` on the same cases (matched by key): mean and bootstrap 95% CI of the per-case
-    differences of ``metric`` (``mean_hit@3``: the case's mean over its item types)."""
+    """``b - a`` on the same cases (matched by key): mean over cases of the per-case differences of
+    ``metric`` (``mean_hit@3``: the case's mean over its item types) and its 95% CI, a bootstrap over
+    users (cluster: a resampled user brings all its cases' differences)."""
     def value(s):
         if metric == "mean_hit@3":
             v = [s.scores[f"{t}_hit@3"] for t in ITEM_TYPES]
@@ -441,9 +448,11 @@ def paired_difference(a: Sequence[CaseScore], b: Sequence[CaseScore], metric: st
             return float(np.mean(v)) if v else float("nan")
         return s.scores[metric]
     left = {s.key: value(s) for s in a}
-    diffs = [value(s) - left[s.key] for s in b if s.key in left and not np.isnan(value(s)) and not np.isnan(left[s.key])]
-    mean, lo, hi = bootstrap_ci(diffs, n_boot, seed)
-    return {"mean": mean, "ci95": [lo, hi], "n": len(diffs)}
+    pairs = [(s.user_id, value(s) - left[s.key]) for s in b
+             if s.key in left and not np.isnan(value(s)) and not np.isnan(left[s.key])]
+    mean, lo, hi = cluster_bootstrap_ci([d for _, d in pairs], [u for u, _ in pairs], n_boot, seed)
+    return {"mean": mean, "ci95": [lo, hi], "n": len(pairs), "users": len({u for u, _ in pairs}),
+            "ci95_method": CI_METHOD}
 
 
 def evaluate_recommender(recommend, cases: Sequence[NoveltyCase], vocabulary: Vocabulary) -> list[CaseScore]:

@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -72,6 +73,7 @@ class Stage:
     env: dict[str, str] = field(default_factory=dict)
     clean_on_rerun: bool = True   # a finished stage rerun (forced / stale) starts from an empty folder
     always: bool = False          # rerun on every pipeline run (cheap stages such as the report)
+    nice: int = 0                 # scheduling niceness of its commands: > 0 yields the cores to stages at 0
 
     @property
     def record_path(self) -> Path:
@@ -187,11 +189,28 @@ def up_to_date(stage: Stage, record: dict | None = None) -> tuple[bool, str]:
 
 # --------------------------------------------------------------------------- running
 
-def _run_command(command: list[str], log_file, cwd: Path, env: dict, echo: Callable[[str], None]
+_CHILDREN: set[subprocess.Popen] = set()   # the commands running now (several with ``jobs`` > 1)
+
+
+def stop_running(timeout: float = 30) -> None:
+    """Interrupt every running command (SIGINT, then SIGKILL after ``timeout`` s) and wait for it."""
+    for proc in list(_CHILDREN):
+        proc.send_signal(signal.SIGINT)
+    for proc in list(_CHILDREN):
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _run_command(command: list[str], log_file, cwd: Path, env: dict, echo: Callable[[str], None], nice: int = 0
                  ) -> tuple[int, float, float]:
     """Run one command, copying its output to the log and ``echo``; (exit status, peak RSS MB, CPU s)."""
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace", bufsize=1)
+                            text=True, errors="replace", bufsize=1,
+                            preexec_fn=(lambda: os.nice(nice)) if nice else None)
+    _CHILDREN.add(proc)
 
     def pump():
         for line in proc.stdout:
@@ -203,13 +222,10 @@ def _run_command(command: list[str], log_file, cwd: Path, env: dict, echo: Calla
     try:
         _, status, usage = os.wait4(proc.pid, 0)
     except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)  # the terminal's Ctrl-C reached it too; make sure, then wait
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_running()  # the terminal's Ctrl-C reached it too; make sure, then wait
         raise
+    finally:
+        _CHILDREN.discard(proc)
     proc.returncode = os.waitstatus_to_exitcode(status)
     reader.join(timeout=10)
     return proc.returncode, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime  # ru_maxrss: KiB on Linux
@@ -247,7 +263,7 @@ def run_stage(stage: Stage, cwd: str | Path = ".", quiet: bool = False) -> Stage
         for command in stage.commands:
             log_file.write(f"$ {shlex.join(command)}\n")
             log_file.flush()
-            status, rss, seconds = _run_command(command, log_file, Path(cwd), env, echo)
+            status, rss, seconds = _run_command(command, log_file, Path(cwd), env, echo, stage.nice)
             peak, cpu = max(peak, rss), cpu + seconds
             if status != 0:
                 return StageResult(stage.name, "failed", time.perf_counter() - start, peak,
@@ -284,68 +300,129 @@ def select(stages: Sequence[Stage], only: str | None = None, start: str | None =
     return set(considered), forced
 
 
+def _dependencies(stages: Sequence[Stage]) -> dict[str, set[str]]:
+    """Each stage's earlier stages it waits for: the ``needs``, and every stage whose folder holds one
+    of its ``inputs`` (the report reads every folder, so it waits for all)."""
+    deps = {}
+    for i, stage in enumerate(stages):
+        inputs = [Path(p).resolve() for p in stage.inputs]
+        deps[stage.name] = set(stage.needs) | {
+            other.name for other in stages[:i]
+            if any(p == Path(other.folder).resolve() or Path(other.folder).resolve() in p.parents for p in inputs)}
+    return deps
+
+
 def run_pipeline(stages: Sequence[Stage], *, cwd: str | Path = ".", only: str | None = None,
                  start: str | None = None, until: str | None = None, force: bool = False, keep_going: bool = False,
                  quiet: bool = False, print_fn: Callable[[str], None] = print,
-                 status_path: str | Path | None = None) -> list[StageResult]:
-    """Run ``stages`` in order (see the module docstring); returns one result per stage.
+                 status_path: str | Path | None = None, jobs: int = 1,
+                 on_done: Callable[[Stage], list[str]] | None = None) -> list[StageResult]:
+    """Run ``stages`` (see the module docstring); returns one result per stage, in their order.
 
-    Raises :class:`PipelineError` at the first failure unless ``keep_going`` (then the summary
-    lists it, and the caller decides the exit status); Ctrl-C stops after printing how to resume.
-    ``status_path`` (e.g. ``<run>/pipeline.json``) gets every stage's latest status before each
-    stage starts, so a report stage can say why a result is missing.
+    ``jobs`` stages run at once: a stage starts, in list order, once every stage it waits for
+    (:func:`_dependencies`) has finished, so ``jobs=1`` runs them one after the other. Raises
+    :class:`PipelineError` at the first failure (after the running stages end) unless
+    ``keep_going`` (then the summary lists it, and the caller decides the exit status); Ctrl-C
+    stops every running stage after printing how to resume. ``status_path`` (e.g.
+    ``<run>/pipeline.json``) gets every stage's latest status whenever a stage starts or ends, so
+    a report stage can say why a result is missing. ``on_done(stage)`` returns warnings about a
+    finished stage's results (its floors); they are printed and appended to its ``stage.log``.
     """
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise PipelineError(f"duplicate stage names in {names}")
+    if jobs < 1:
+        raise PipelineError(f"jobs must be >= 1, got {jobs}")
     considered, forced = select(stages, only, start, until)
     if force:
         forced = set(considered)
+    deps = _dependencies(stages)
+    tags = {s.name: f"[{i}/{len(stages)}] {s.name}" for i, s in enumerate(stages, 1)}
     results: dict[str, StageResult] = {}
-    for i, stage in enumerate(stages, 1):
-        tag = f"[{i}/{len(stages)}] {stage.name}"
-        if stage.name not in considered:
-            continue
+    waiting = [s for s in stages if s.name in considered]
+    running: dict[Future, Stage] = {}
+    failed = False
+
+    def status() -> None:
         if status_path is not None:
             write_status(status_path, stages, results)
-        record = read_record(stage)
+
+    def settle(stage: Stage) -> bool:
+        """Decide a stage that need not run (skipped / unavailable / blocked); False if it must run."""
+        tag = tags[stage.name]
         missing = [str(p) for p in stage.requires if not Path(p).exists()]
+        blocked = [n for n in stage.needs if n in results and results[n].status not in ("done", "skipped")]
+        record = read_record(stage)
+        fresh, _ = up_to_date(stage, record)
         if missing:
             results[stage.name] = StageResult(stage.name, "unavailable", detail=f"missing {', '.join(missing)}")
             print_fn(f"{tag}: not available ({results[stage.name].detail})")
-            continue
-        blocked = [n for n in stage.needs if n in results and results[n].status not in ("done", "skipped")]
-        if blocked:
+        elif blocked:
             results[stage.name] = StageResult(stage.name, "blocked", detail=f"needs {', '.join(blocked)}")
             print_fn(f"{tag}: blocked (needs {', '.join(blocked)})")
-            continue
-        fresh, why = up_to_date(stage, record)
-        if fresh and stage.name not in forced and not stage.always:
+        elif fresh and stage.name not in forced and not stage.always:
             results[stage.name] = StageResult(stage.name, "skipped", record.get("wall_s"), record.get("peak_rss_mb"),
                                               f"up to date (finished {record.get('finished_at')})", record.get("cpu_s"))
             print_fn(f"{tag}: skipped, up to date")
-            continue
-        reason = "forced" if stage.name in forced else "always rebuilt" if stage.always and fresh else why
-        print_fn(f"{tag}: running ({reason}){': ' + stage.description if stage.description else ''}")
-        try:
-            result = run_stage(stage, cwd, quiet=quiet)
-        except KeyboardInterrupt:
-            results[stage.name] = StageResult(stage.name, "interrupted")
-            print_fn(f"{tag}: interrupted; earlier stages are kept. Run the same command again to resume here.")
-            print_fn(summary_table(stages, results))
-            raise
+        else:
+            return False
+        return True
+
+    def finish(stage: Stage, result: StageResult) -> None:
+        nonlocal failed
         results[stage.name] = result
+        tag = tags[stage.name]
         if result.status == "done":
             print_fn(f"{tag}: done in {result.wall_s:.1f} s ({result.cpu_s:.0f} CPU s), "
                      f"peak RSS {result.peak_rss_mb:,.0f} MB")
+            warnings = on_done(stage) if on_done is not None else []
+            if warnings:
+                with open(Path(stage.folder) / LOG, "a", encoding="utf-8") as log_file:
+                    log_file.writelines(f"WARNING (result below its floor): {w}\n" for w in warnings)
+                for w in warnings:
+                    print_fn(f"{tag}: WARNING, result below its floor: {w}")
         else:
             print_fn(f"{tag}: FAILED ({result.detail})")
-            if not keep_going:
-                print_fn(summary_table(stages, results))
-                raise PipelineError(f"stage {stage.name} failed: {result.detail}")
-    if status_path is not None:
-        write_status(status_path, stages, results)
+            failed = failed or not keep_going
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        try:
+            while waiting or running:
+                for stage in list(waiting):
+                    if failed or len(running) >= jobs:
+                        break
+                    if any(d in considered and d not in results for d in deps[stage.name]):
+                        continue   # an earlier stage it waits for has not finished
+                    waiting.remove(stage)
+                    if settle(stage):
+                        continue
+                    fresh, why = up_to_date(stage)
+                    reason = "forced" if stage.name in forced else "always rebuilt" if stage.always and fresh else why
+                    print_fn(f"{tags[stage.name]}: running ({reason})"
+                             f"{': ' + stage.description if stage.description else ''}")
+                    running[pool.submit(run_stage, stage, cwd, quiet)] = stage
+                    status()
+                if failed and not running:
+                    break
+                if not running:
+                    continue   # every remaining stage was settled above, or waits for one settled just now
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finish(running.pop(future), future.result())
+                status()
+        except KeyboardInterrupt:
+            stop_running()
+            for stage in running.values():
+                results[stage.name] = StageResult(stage.name, "interrupted")
+                print_fn(f"{tags[stage.name]}: interrupted; earlier stages are kept. Run the same command again "
+                         "to resume here.")
+            print_fn(summary_table(stages, results))
+            raise
+    status()
     print_fn(summary_table(stages, results))
+    if failed:
+        bad = next(r for r in results.values() if r.status == "failed")
+        raise PipelineError(f"stage {bad.name} failed: {bad.detail}")
     return [results[n] for n in names if n in results]
 
 

@@ -1,12 +1,18 @@
-"""One self-contained HTML page per run: configuration, every results table and figure.
+"""One self-contained HTML page per run: the answer first, then every results table and figure, then
+the provenance.
 
 `build_report(run_dir, out_dir)` reads what the stages of ``recipes/demo.py`` wrote under
-``run_dir`` (``<stage>/stage.json`` records, ``pipeline.json`` statuses, each stage's result files)
-and writes ``out_dir/index.html`` (figures embedded as base64 PNG, so the file can be mailed),
-``out_dir/report.json`` (the numbers shown) and the figures it draws itself (user clusters,
-training curves). Every section is built independently: a stage that failed, was not run or whose
-files are missing gives a clearly labelled "not available: <why>" box, never an exception. The
-page is rendered with the Jinja2 template ``scope/run/templates/report.html.jinja``.
+``run_dir`` (``<stage>/stage.json`` records, ``pipeline.json`` statuses, ``timings.json``, each
+stage's result files) and writes ``out_dir/index.html`` (figures embedded as base64 PNG, so the file
+can be mailed), ``out_dir/report.json`` (the numbers shown) and the figures it draws itself (user
+clusters, training curves). The page opens with "Results at a glance" (:func:`section_glance`): the
+results at or beyond their floor (:mod:`scope.run.floors`) in red, then one row per capability with
+the method, the best baseline, the paired difference with its 95% CI and a verdict; a stage output's
+optional ``at_a_glance_note`` (a string, or one per capability) is shown beside its row. Then come
+the results sections, and last the provenance (stage timings, versions, YAMLs, commands). Every
+section is built independently: a stage that failed, was not run or whose files are missing gives a
+clearly labelled "not available: <why>" box (a glance row "not run: <why>"), never an exception.
+The page is rendered with the Jinja2 template ``scope/run/templates/report.html.jinja``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from scope.io import write_json, write_text
-from scope.pituning.evaluate import METRIC_KEYS
+from scope.pituning.evaluate import METRIC_KEYS, macro_precision_difference
+from scope.run.floors import all_violations
 from scope.run.stages import STAGES, stage_folder
 
 log = logging.getLogger(__name__)
@@ -170,30 +177,48 @@ def guarded(run: Run, section: Section, stage: str, build: Callable[[Section], N
 
 # --------------------------------------------------------------------------- sections
 
-def section_run(run: Run, config_text: str | None) -> Section:
-    s = Section("run", "What was run",
-                "Each stage ran as its own process; a stage whose inputs and configuration did not change since its "
-                "last success was skipped and shows its recorded time.")
+def _timing_rows(run: Run) -> tuple[list[dict], str]:
+    """Per-stage timings from ``timings.json`` (the runner's own record) if present, else ``pipeline.json``
+    and the stage records; and a sentence on the whole job."""
+    try:
+        timings = read_json(run.root / "timings.json")
+    except Missing:
+        timings = None
+    if isinstance(timings, dict):
+        rows = [{"stage": r.get("stage"), "what it does": run.status.get(r.get("stage"), {}).get("description", ""),
+                 "status": r.get("status"), "wall time (s)": r.get("wall_s"), "CPU time (s)": r.get("cpu_s"),
+                 "peak memory (MB)": r.get("peak_rss_mb")} for r in timings.get("stages", [])]
+        total = timings.get("total_wall_s")
+        return rows, (f"The whole job took {fmt(total / 60 if isinstance(total, (int, float)) else None)} min of wall "
+                      f"time, from {timings.get('started_at', '?')} to {timings.get('finished_at', '?')} (timings.json).")
     rows = []
     for name, row in run.status.items():
         record = run.records.get(name, {})
+        pick = {key: next((d[key] for d in (row, record) if d.get(key) is not None), None)
+                for key in ("wall_s", "cpu_s", "peak_rss_mb")}
         rows.append({"stage": name, "what it does": row.get("description", ""), "status": row.get("status"),
-                     "wall time (s)": row.get("wall_s") if row.get("wall_s") is not None else record.get("wall_s"),
-                     "CPU time (s)": row.get("cpu_s") if row.get("cpu_s") is not None else record.get("cpu_s"),
-                     "peak memory (MB)": row.get("peak_rss_mb") if row.get("peak_rss_mb") is not None
-                     else record.get("peak_rss_mb"),
+                     "wall time (s)": pick["wall_s"], "CPU time (s)": pick["cpu_s"], "peak memory (MB)": pick["peak_rss_mb"],
                      "finished at (UTC)": record.get("finished_at", "–")})
     if not rows:
         rows = [{"stage": n, "status": "recorded", "wall time (s)": r.get("wall_s"),
                  "peak memory (MB)": r.get("peak_rss_mb"), "finished at (UTC)": r.get("finished_at")}
                 for n, r in run.records.items()]
+    total = sum(r["wall time (s)"] for r in rows if isinstance(r.get("wall time (s)"), (int, float)))
+    return rows, f"Total recorded wall time {total / 60:.1f} min (pipeline.json; no timings.json in this run)."
+
+
+def section_run(run: Run, config_text: str | None) -> Section:
+    s = Section("run", "Provenance: what was run, with which software and settings",
+                "Each stage ran as its own process; a stage whose inputs and configuration did not change since its "
+                "last success was skipped and shows its recorded time.")
+    s.text(f"Run folder {run.root.resolve()}.")
+    rows, total = _timing_rows(run)
     s.table(rows, "Stages in order: status (done = ran now, skipped = up to date, failed / blocked / unavailable = "
                   "see the section's box), wall time, CPU time (user + system, all threads: the work done, whatever the machine's "
                   "load) and the peak resident memory of the stage's process tree.",
             first="stage")
-    total = sum(r["wall time (s)"] or 0 for r in rows if isinstance(r.get("wall time (s)"), (int, float)))
-    s.text(f"Total recorded wall time {total / 60:.1f} min; largest peak memory "
-           f"{max([r['peak memory (MB)'] or 0 for r in rows] or [0]):,.0f} MB.")
+    peaks = [r["peak memory (MB)"] for r in rows if isinstance(r.get("peak memory (MB)"), (int, float))]
+    s.text(f"{total} Largest peak memory {max(peaks or [0]):,.0f} MB.")
     record = next(iter(run.records.values()), None)
     if record:
         versions = {**record.get("versions", {}), "python": record.get("python"), "git commit": record.get("git_commit"),
@@ -267,17 +292,28 @@ def section_student(run: Run) -> Section:
     def build_eval(s: Section):
         result = read_json(run.output("evaluate"))
         rows = result["stages"]
+        s.text(f"Teacher: {result.get('teacher', 'not recorded')}.")
         for decoding in result["decodings"]:
             table = [{"student": name, "users": r["users"], "users/s": r[decoding]["users_per_s"],
                       "cut off": r[decoding]["cut_off"],
                       **{k: _with_ci(r[decoding][k]) for k in ("schema_valid", "field_agreement", "grounding@3")}}
-                     for name, r in rows.items()]
+                     for name, r in rows.items() if decoding in r]
+            skipped = [name for name, r in rows.items() if decoding not in r]
+            if skipped:
+                s.text(f"Not run: the {decoding} decoding of {', '.join(skipped)} (the evaluate stage's "
+                       f"constrained_stages leaves it out).")
+            if not table:
+                continue
             s.table(table, f"Student evaluation on held-out users, {decoding} decoding (mean [bootstrap 95% CI]): "
                            "share of answers that are a valid profile (schema_valid), agreement of its fields with the "
                            "teacher's, and whether its top-3 apps and places are the user's real top-3 (grounding@3); "
                            "higher is better." + (" Constrained decoding is what a user gets." if decoding == "constrained"
                                                   else " Unconstrained decoding is what the student learnt."),
                     first="student")
+        if "teacher_scores" in result:
+            t = result["teacher_scores"]
+            s.text(f"The teacher's own profiles on the same users: schema_valid {_with_ci(t['schema_valid'])}, "
+                   f"grounding@3 {_with_ci(t['grounding@3'])}.")
         for decoding, effect in result.get("dpo_effect", {}).items():
             s.text(f"DPO effect ({decoding}): {effect['changed_share']:.0%} of the held-out answers changed; "
                    f"after DPO minus after SFT, grounding@3 {_with_ci(effect['grounding@3'], signed=True)}, "
@@ -401,9 +437,9 @@ def section_embeddings(run: Run, out_dir: Path) -> tuple[Section, dict]:
     return s, figures
 
 
-NAV = {"run": "What was run", "cohort": "Cohort", "student": "Student (SFT, DPO)", "synthesis": "Synthesis",
+NAV = {"at-a-glance": "At a glance", "cohort": "Cohort", "student": "Student (SFT, DPO)", "synthesis": "Synthesis",
        "embeddings": "User clusters", "completion": "Completion vs baselines", "pituning": "PITuning vs LightGBM",
-       "curves": "Training curves"}
+       "curves": "Training curves", "run": "Provenance"}
 COMPARE_COLUMNS = ["method", "rmse_norm", "mae_norm", "rmse_apps", "mae_apps", "rmse_orig", "mae_orig", "recall@3",
                    "ndcg@3"]
 TASK_TEXT = {
@@ -512,6 +548,147 @@ def section_curves(run: Run, out_dir: Path, completion_curves: dict) -> Section:
     return s
 
 
+# --------------------------------------------------------------------------- results at a glance
+
+def verdict(ci95, higher_is_better: bool = True) -> str:
+    """better / worse when the 95% CI of method minus baseline excludes 0 (on the good / bad side), else tie."""
+    lo, hi = ci95
+    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
+        return "no CI"
+    if lo > 0 or hi < 0:
+        return "better" if (lo > 0) == higher_is_better else "worse"
+    return "tie"
+
+
+def _signed(d: dict) -> str:
+    return f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+
+
+def _row(capability: str, metric: str, method: str, value, baseline: str, baseline_value, difference: dict,
+         higher_is_better: bool, source: dict) -> dict:
+    """One row of the glance table; ``difference`` is method minus baseline ``{"mean", "ci95"}``; the note is
+    the stage output's ``at_a_glance_note`` (a string, or one per capability)."""
+    note = source.get("at_a_glance_note")
+    return {"capability": capability, "metric": f"{metric} ({'higher' if higher_is_better else 'lower'} is better)",
+            "method": method, "value": fmt(value), "baseline": baseline, "baseline_value": fmt(baseline_value),
+            "difference": _signed(difference), "verdict": verdict(difference["ci95"], higher_is_better),
+            "note": note.get(capability) if isinstance(note, dict) else note}
+
+
+def _glance_profiles(run: Run) -> list[dict]:
+    result = read_json(run.output("evaluate"))
+    if "vs_teacher" not in result:
+        raise Missing("evaluation.json has no paired comparison with the teacher (vs_teacher): rerun the evaluate stage")
+    vs = result["vs_teacher"]
+    student = result["stages"][vs["stage"]][vs["decoding"]]
+    return [_row(f"profiles: {m}", m, f"student {vs['stage']}, {vs['decoding']} decoding", student[m]["mean"],
+                 f"teacher ({result.get('teacher', '?')})", result["teacher_scores"][m]["mean"], vs[m], True, result)
+            for m in ("schema_valid", "grounding@3")]
+
+
+def _glance_dpo(run: Run) -> list[dict]:
+    result = read_json(run.output("novelty"))
+    if "dpo_effect" not in result:
+        raise Missing("the novelty stage scored no student both after SFT and after DPO")
+    methods = result["methods"]
+    return [_row("DPO", "novelty mean hit@3", "student after DPO", methods["student after DPO"]["mean_hit@3"]["mean"],
+                 "student after SFT", methods["student after SFT"]["mean_hit@3"]["mean"],
+                 result["dpo_effect"]["mean_hit@3"], True, result)]
+
+
+def _glance_novelty(run: Run) -> list[dict]:
+    result = read_json(run.output("novelty"))
+    if "vs_baselines" not in result:
+        raise Missing("novelty.json has no paired comparison with the baselines (vs_baselines): rerun the novelty stage")
+    methods, vs = result["methods"], result["vs_baselines"]
+    best = max(vs["mean_hit@3"], key=lambda b: methods[b]["mean_hit@3"]["mean"])
+    return [_row("novelty recommendation", "mean hit@3", vs["student"], methods[vs["student"]]["mean_hit@3"]["mean"],
+                 best, methods[best]["mean_hit@3"]["mean"], vs["mean_hit@3"][best], True, result)]
+
+
+def _glance_synthesis(run: Run) -> list[dict]:
+    result = read_json(run.output("synthesis"))
+    if "vs_ceiling_pearson_r" not in result:
+        raise Missing("fidelity.json has no paired comparison with the grammar ceiling: rerun the synthesis stage")
+    return [_row("synthesis", "Pearson r of Corr(app, POI) with the real cohort (Eq. 26)", "synthetic cohort",
+                 result["pearson_r"], "ceiling: the real traces serialised and written back", result["ceiling"]["pearson_r"],
+                 result["vs_ceiling_pearson_r"], True, result)]
+
+
+def _glance_completion(run: Run) -> list[dict]:
+    result = read_json(run.output("compare"))
+    if "engine_minus_baseline" not in result:
+        raise Missing("comparison.json has no paired differences (engine_minus_baseline): rerun the compare stage")
+    rows = []
+    for task in ("short", "long", "cold"):
+        table, differences = result["tasks"].get(task) or {}, result["engine_minus_baseline"].get(task)
+        if not differences:
+            rows.append(_not_run(f"completion: {task}", f"the compare stage scored no engine on the {task} task"))
+            continue
+        engine = next(m for m in table if m.startswith("engine"))
+        best = min(differences, key=lambda b: table[b]["rmse_norm"])
+        rows.append(_row(f"completion: {task}", "rmse_norm", engine, table[engine]["rmse_norm"], best,
+                         table[best]["rmse_norm"], differences[best], False, result))
+    return rows
+
+
+def _glance_pituning(run: Run) -> list[dict]:
+    report = read_json(run.output("pituning"))
+    if not _ran(run, "lightgbm"):
+        raise Missing(run.why_missing("lightgbm"))
+    baselines = read_json(run.output("lightgbm"))
+    tuned = next(m for m in report["metrics"] if m.startswith("PITuning"))
+    best = max(baselines["metrics"], key=lambda b: baselines["metrics"][b]["prec_m"])
+    if tuned not in report.get("class_counts", {}) or best not in baselines.get("class_counts", {}):
+        raise Missing("the PITuning or LightGBM stage saved no per-user intent counts (class_counts): rerun both")
+    difference = macro_precision_difference(report["class_counts"][tuned], baselines["class_counts"][best])
+    return [_row("PITuning", "prec_m", tuned, report["metrics"][tuned]["prec_m"], best,
+                 baselines["metrics"][best]["prec_m"], difference, True, report)]
+
+
+GLANCE = [(("profiles: schema_valid", "profiles: grounding@3"), "evaluate", _glance_profiles),
+          (("DPO",), "novelty", _glance_dpo),
+          (("novelty recommendation",), "novelty", _glance_novelty),
+          (("synthesis",), "synthesis", _glance_synthesis),
+          (("completion: short", "completion: long", "completion: cold"), "compare", _glance_completion),
+          (("PITuning",), "pituning", _glance_pituning)]
+
+
+def _ran(run: Run, stage: str) -> bool:
+    """The stage succeeded (now or earlier), or the run has no status for it (no pipeline.json)."""
+    return run.status.get(stage, {}).get("status") in (None, "done", "skipped", "recorded")
+
+
+def _not_run(capability: str, why: str) -> dict:
+    return {"capability": capability, "method": f"not run: {why}", "verdict": "not run"}
+
+
+def section_glance(run: Run) -> Section:
+    s = Section("at-a-glance", "Results at a glance",
+                "One row per capability: the method, the best baseline, method minus baseline with its 95% CI (a paired "
+                "bootstrap over users; over entities on a city file) and the verdict: better or worse when the CI "
+                "excludes 0, tie when it straddles 0. A red box above lists every result at or beyond its floor "
+                "(scope/run/floors.py), a sign that something is wrong rather than that a method lost.")
+    violations = [m for messages in all_violations(run.root).values() for m in messages]
+    if violations:
+        s.blocks.append({"kind": "violations", "messages": violations})
+    rows = []
+    for capabilities, stage, build in GLANCE:
+        try:
+            rows += build(run)
+        except Exception as err:  # noqa: BLE001 - one unreadable stage must not hide the other rows
+            if not _ran(run, stage):
+                why = run.why_missing(stage)
+            elif isinstance(err, Missing):
+                why = str(err)
+            else:
+                log.exception("at a glance: %s", capabilities)
+                why = f"could not read the results of stage '{stage}': {type(err).__name__}: {err}"
+            rows += [_not_run(c, why) for c in capabilities]
+    s.blocks.append({"kind": "glance", "rows": rows})
+    return s
+
+
 # --------------------------------------------------------------------------- the page
 
 def build_report(run_dir: str | Path, out_dir: str | Path, config_path: str | Path | None = None,
@@ -528,12 +705,12 @@ def build_report(run_dir: str | Path, out_dir: str | Path, config_path: str | Pa
     except Exception as err:  # noqa: BLE001 - unreadable logs must not break the page
         curves = Section("curves", "Training curves", "")
         curves.missing(f"could not read the training logs: {type(err).__name__}: {err}")
-    sections = [section_run(run, config_text), section_cohort(run), section_student(run), section_synthesis(run),
-                embeddings, completion, section_pituning(run), curves]
+    sections = [section_glance(run), section_cohort(run), section_student(run), section_synthesis(run),
+                embeddings, completion, section_pituning(run), curves, section_run(run, config_text)]
     statuses = {name: row.get("status") for name, row in run.status.items()}
     env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=select_autoescape(["html", "jinja"]))
     page = env.get_template(TEMPLATE).render(
-        nav=NAV, title=title, run_dir=str(Path(run_dir).resolve()), statuses=statuses, sections=sections,
+        nav=NAV, title=title, sections=sections,
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         missing_count=sum(b["kind"] == "missing" for s in sections for b in s.blocks))
     write_text(out / "index.html", page)

@@ -164,6 +164,24 @@ def bootstrap_pearson(sums: dict[str, CorrelationSums], pairs: dict[str, tuple[s
     return out
 
 
+def pearson_difference(real: pd.DataFrame, synthetic: pd.DataFrame, reference: pd.DataFrame, base_poi: pd.DataFrame,
+                       n_categories: int, users, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Eq. 26 agreement with ``real`` (Pearson r) of ``synthetic`` minus that of ``reference``, the three
+    cohorts carrying the ids of the real ``users``, and its 95% CI by a paired bootstrap over those users."""
+    sums = {k: correlation_sums(v, base_poi, n_categories, users=np.asarray(users))
+            for k, v in (("real", real), ("synthetic", synthetic), ("reference", reference))}
+    corr = {k: s.correlation() for k, s in sums.items()}
+    point = []
+    for other in ("synthetic", "reference"):
+        keep = np.isfinite(corr["real"]) & np.isfinite(corr[other])
+        point.append(agreement(corr["real"][keep], corr[other][keep])["pearson_r"] if keep.sum() >= 2 else np.nan)
+    draws = bootstrap_pearson(sums, {"synthetic": ("real", "synthetic"), "reference": ("real", "reference")},
+                              n_boot=n_boot, seed=seed)
+    lo, hi = np.nanquantile(draws["synthetic"] - draws["reference"], [0.025, 0.975])
+    return {"mean": float(point[0] - point[1]), "ci95": [float(lo), float(hi)], "users": len(sums["real"].users),
+            "n_boot": n_boot}
+
+
 def joint_app_poi(events: pd.DataFrame, base_poi: pd.DataFrame, n_categories: int) -> np.ndarray:
     """``[A, P]`` joint distribution of (app category, POI category) weighted by POI shares."""
     poi = pd.DataFrame(poi_proportions(base_poi), index=base_poi.index)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from completion.train import CHECKPOINT
+from completion.train import CHECKPOINT, load_model
 from recipes import complete
 
 CONFIGS = sorted((Path(complete.__file__).parent / "configs").glob("complete_*.yaml"))
@@ -128,3 +128,23 @@ def test_compare_runs_on_a_city_file_and_names_the_winner(nj_path, tmp_path):
     assert (tmp_path / "cmp" / "comparison.md").read_text().splitlines()[2] == report["headline"]
     cfg.args.eval_tasks = ["short"]
     assert set(compare.main(cfg, comparison)["tasks"]) == {"short"}  # eval_tasks decides, cold is not forced
+    assert report["calibration"] is None   # trained without calibration: nothing to apply
+
+
+def test_compare_scores_the_calibrated_engine(nj_path, tmp_path):
+    """compare applies calibration_<data>.json as evaluate does: another residual weight moves the engine's
+    error, and the file compare read is named in comparison.json."""
+    from recipes import compare
+
+    run("train", tmp_path / "run", "--steps", "2", "--calibrate", "false", data_path=nj_path)
+    argv = ["--config", str(Path(complete.__file__).parent / "configs" / "complete_nj.yaml"), *TINY,
+            "--data_path", str(nj_path), "--engine_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "cmp"),
+            "--compare_entities", "6", "--patchtst_steps", "2", "--eval_tasks", "short", "--arima", "false"]
+    raw = compare.main(*compare.parse(argv))["tasks"]["short"][compare.ENGINE]["rmse_norm"]
+    model = load_model(tmp_path / "run" / CHECKPOINT)
+    calibration = {**model.calibration(), "residual_weight": (model.residual_weight * 0).tolist()}
+    path = complete.calibration_path(tmp_path / "run", compare.parse(argv)[0].args.data_name)
+    path.write_text(json.dumps(calibration))
+    report = compare.main(*compare.parse(argv))
+    assert report["calibration"] == str(path)
+    assert report["tasks"]["short"][compare.ENGINE]["rmse_norm"] != pytest.approx(raw, rel=1e-6)
