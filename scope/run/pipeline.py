@@ -347,13 +347,13 @@ def run_pipeline(stages: Sequence[Stage], *, cwd: str | Path = ".", only: str | 
         if status_path is not None:
             write_status(status_path, stages, results)
 
-    def settle(stage: Stage) -> bool:
-        """Decide a stage that need not run (skipped / unavailable / blocked); False if it must run."""
+    def settle(stage: Stage) -> str | None:
+        """Decide a stage that need not run (skipped / unavailable / blocked): None; else why it runs."""
         tag = tags[stage.name]
         missing = [str(p) for p in stage.requires if not Path(p).exists()]
         blocked = [n for n in stage.needs if n in results and results[n].status not in ("done", "skipped")]
         record = read_record(stage)
-        fresh, _ = up_to_date(stage, record)
+        fresh, why = up_to_date(stage, record)
         if missing:
             results[stage.name] = StageResult(stage.name, "unavailable", detail=f"missing {', '.join(missing)}")
             print_fn(f"{tag}: not available ({results[stage.name].detail})")
@@ -365,8 +365,8 @@ def run_pipeline(stages: Sequence[Stage], *, cwd: str | Path = ".", only: str | 
                                               f"up to date (finished {record.get('finished_at')})", record.get("cpu_s"))
             print_fn(f"{tag}: skipped, up to date")
         else:
-            return False
-        return True
+            return "forced" if stage.name in forced else "always rebuilt" if stage.always and fresh else why
+        return None
 
     def finish(stage: Stage, result: StageResult) -> None:
         nonlocal failed
@@ -394,10 +394,9 @@ def run_pipeline(stages: Sequence[Stage], *, cwd: str | Path = ".", only: str | 
                     if any(d in considered and d not in results for d in deps[stage.name]):
                         continue   # an earlier stage it waits for has not finished
                     waiting.remove(stage)
-                    if settle(stage):
+                    reason = settle(stage)
+                    if reason is None:
                         continue
-                    fresh, why = up_to_date(stage)
-                    reason = "forced" if stage.name in forced else "always rebuilt" if stage.always and fresh else why
                     print_fn(f"{tags[stage.name]}: running ({reason})"
                              f"{': ' + stage.description if stage.description else ''}")
                     running[pool.submit(run_stage, stage, cwd, quiet)] = stage

@@ -71,3 +71,14 @@ def test_one_real_step_then_resume(small_cohort, tiny_model_dir, tmp_path):
 def test_no_training_users_is_an_error(corpus):
     with pytest.raises(ValueError, match="no profiled users"):
         sft_dataset(corpus, ["nonexistent-split"])
+
+
+def test_recommendation_turns_make_at_most_their_share_of_the_sft_examples():
+    from scope.profiles.sft import recommendation_mix
+
+    turns = [(f"prompt {i}", f"answer {i}") for i in range(207)]
+    mix = recommendation_mix(turns, n_profiles=149, share=0.2, seed=42)
+    assert len(mix) == 37 and len(mix) / (len(mix) + 149) <= 0.2 + 1e-9   # round(0.25 * 149)
+    assert mix == recommendation_mix(turns, 149, 0.2, seed=42) and set(mix) <= set(turns)   # seeded, a sample
+    assert recommendation_mix(turns, 149, 0.0) == []
+    assert len(recommendation_mix(turns[:10], 149, 0.5)) == 10   # never more turns than there are
