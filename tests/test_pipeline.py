@@ -276,5 +276,6 @@ def test_the_demo_teacher_reaches_every_profiling_stage_and_jobs_set_priorities(
             assert "--teacher_cache_dir /tmp/x/teacher_cache" in line, name
     assert {s.name for s in by_name.values() if s.nice == 0} == set(CRITICAL_PATH)
     assert all(s.env["OMP_WAIT_POLICY"] == "PASSIVE" for s in by_name.values())
+    assert all(int(s.env["MALLOC_MMAP_THRESHOLD_"]) == 32 << 20 for s in by_name.values())   # glibc reads it at start
     sequential = stages(parse(["--config", "recipes/configs/demo.yaml", "--jobs", "1"]))
     assert all(s.nice == 0 and "OMP_WAIT_POLICY" not in s.env for s in sequential)

@@ -117,10 +117,35 @@ def check_adapter(folder: str | Path) -> None:
                            "ZeRO-3 set zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_save)")
 
 
+def score_labelled_positions_only() -> None:
+    """Make TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``, used by its SFT and DPO
+    trainers) project only the positions that carry a label on the CPU too.
+
+    TRL compacts to the labelled positions on Triton devices only, so that compiled backends (Neuron)
+    do not recompile for every batch shape; elsewhere it scores every position, prompt included, and
+    masks the result. Eager CPU training has nothing to recompile, and the prompt is about half of a
+    profile example, so scoring every position only costs time: the loss and the gradients are the
+    same (tests/scope/test_sft.py), and one demo SFT step (790 tokens, 350 labelled) takes about a
+    third less time (benchmarks/README.md#the-main-job-measured)."""
+    import trl.trainer.utils as trl_utils
+
+    uses_triton = trl_utils._use_triton
+    if getattr(uses_triton, "compacts_cpu", False):
+        return
+
+    def compact(device) -> bool:
+        return device.type == "cpu" or uses_triton(device)
+
+    compact.compacts_cpu = True
+    trl_utils._use_triton = compact
+
+
 def train_and_save(trainer, tokenizer, out_dir: str | Path, resume: bool = True):
-    """Train (continuing from the newest checkpoint in ``out_dir`` when ``resume``), then save the
-    adapter (checked by :func:`check_adapter`) and the tokenizer there, from rank 0 only. Returns
-    the train output and the checkpoint resumed from."""
+    """Train (continuing from the newest checkpoint in ``out_dir`` when ``resume``; only the labelled
+    positions scored, :func:`score_labelled_positions_only`), then save the adapter (checked by
+    :func:`check_adapter`) and the tokenizer there, from rank 0 only. Returns the train output and
+    the checkpoint resumed from."""
+    score_labelled_positions_only()
     checkpoint = last_checkpoint(out_dir) if resume else None
     if checkpoint:
         log.info("resuming from %s", checkpoint)

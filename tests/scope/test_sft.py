@@ -7,7 +7,7 @@ import pytest
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from recipes import sft as sft_recipe
-from scope.profiles.sft import end_of_turn_token, last_checkpoint, sft_dataset
+from scope.profiles.sft import end_of_turn_token, last_checkpoint, score_labelled_positions_only, sft_dataset
 from tests.scope.conftest import data_args
 
 
@@ -82,3 +82,38 @@ def test_recommendation_turns_make_at_most_their_share_of_the_sft_examples():
     assert mix == recommendation_mix(turns, 149, 0.2, seed=42) and set(mix) <= set(turns)   # seeded, a sample
     assert recommendation_mix(turns, 149, 0.0) == []
     assert len(recommendation_mix(turns[:10], 149, 0.5)) == 10   # never more turns than there are
+
+
+def test_scoring_only_the_labelled_positions_keeps_the_loss_and_the_gradients(monkeypatch):
+    """The CPU compaction of TRL's fused LM head (score_labelled_positions_only) is exact."""
+    import torch
+    import trl.trainer.utils as trl_utils
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trl.kernels.chunked_logprob import _use_triton as trl_default
+
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_default)   # TRL's own rule (an earlier training test patched it)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    ids = torch.randint(0, 300, (2, 24))
+    labels = ids.clone()
+    labels[0, :10], labels[1, :17] = -100, -100   # prompts of different lengths
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return out.loss.detach(), out.entropy.detach(), [p.grad.clone() for p in model.parameters()]
+
+    assert not trl_utils._use_triton(torch.device("cpu"))
+    full = loss_and_grads()
+    score_labelled_positions_only()
+    score_labelled_positions_only()   # idempotent
+    assert trl_utils._use_triton(torch.device("cpu"))
+    compact = loss_and_grads()
+    torch.testing.assert_close(compact[0], full[0])
+    torch.testing.assert_close(compact[1], full[1])
+    for a, b in zip(compact[2], full[2]):
+        torch.testing.assert_close(a, b)
