@@ -6,8 +6,8 @@ sparsity, and conditioned on U-SCOPE's h_u, on nothing, or on the cohort's mean 
     python -m benchmarks.completion_users --quick    # a few minutes: smoke run, numbers meaningless
 
 Data: the simulator writes `--users` users x 14 days. Profiles, and so h_u, come from **week 1
-only** (the grounded teacher on a week-1 copy of the cohort, then Sentence-BERT and the head of
-`recipes/embed.py`); tensors cover both weeks (two-day windows of 15-minute slots, 20 app
+only** (the grounded teacher on a week-1 copy of the cohort, then the frozen Sentence-BERT of
+`recipes/embed.py`; the engine's entity MLP, standardised on the train users, learns h_u from it); tensors cover both weeks (two-day windows of 15-minute slots, 20 app
 categories + presence + traffic over the user's top 4 x 4 places). The engine trains on every
 window of the train users; val and test score the windows that start in week 2 (days 8-13) of
 val / test users, so h_u never saw the scored behaviour. The cold task reveals 4 entries of each
@@ -15,7 +15,7 @@ scored window (users unseen in training, known only by their week-1 profile).
 
 Conditioning: `h_u` = the engine as trained; `none` = the same engine trained without entity
 conditioning (3 seeds); `mean` = the h_u engine with every user's embedding replaced by the
-cohort's mean embedding at test time (what h_u adds for the same weights).
+cohort's mean profile encoding at test time (what h_u adds for the same weights).
 
 Keys of the last line (also `benchmarks/results/<name>.json`): `engine_vs_best_baseline_{short,
 long,cold}`, `umask_vs_fixed_{task}_rmse_gain`, `coverage90`, `crps`, `sparsity`, `conditioning`

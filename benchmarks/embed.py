@@ -1,4 +1,4 @@
-"""Throughput of recipes/embed.py's encoder (frozen Sentence-BERT + MLP head, scope.profiles.embedding) vs raw
+"""Throughput of recipes/embed.py's encoder (frozen Sentence-BERT, scope.profiles.embedding) vs raw
 ``SentenceTransformer.encode`` on the same profile texts, alternated; median of the repeats.
 Target: ratio = users_per_s / raw_users_per_s >= 0.9.
 
@@ -25,14 +25,14 @@ def main() -> dict:
     torch.set_num_threads(args.threads)
 
     from scope.profiles.corpus import ProfileDataArguments, build_corpus
-    from scope.profiles.embedding import EmbeddingHead, HeadConfig, ProfileEncoder
+    from scope.profiles.embedding import ProfileEncoder
     from scope.profiles.llms import load_embedder
 
     corpus = build_corpus(ProfileDataArguments(cohort_dir=f"{args.work_dir}/cohort", n_users=args.users, days=2,
                                                teacher_cache_dir=f"{args.work_dir}/cache"))
     texts = [corpus.results[u].profile.to_text() for u in corpus.profiled("train", "val", "test", "cold")]
     sbert = load_embedder()
-    encoder = ProfileEncoder(sbert, EmbeddingHead(HeadConfig()))
+    encoder = ProfileEncoder(sbert)
     encoder.encode(texts[:8])  # warm-up
     runs = {"ours": [], "raw": []}
     for _ in range(args.repeats):

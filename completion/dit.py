@@ -51,15 +51,32 @@ class TimestepEmbedder(nn.Module):
 
 
 class EntityEmbedder(nn.Module):
-    """e_u: an MLP of the entity's side-information vector (a row of any [N, d_e] matrix)."""
+    """e_u = h_u, the MLP of Eq. 24: standardised side information of the entity -> an MLP, trained with
+    the DiT and U-MASK by the completion objective (Algorithm 1).
+
+    The input is any [N, d_e] row per entity: for users, the frozen SBERT encoding of the profile
+    (``recipes/embed.py``). L2-normalised profile encodings of one cohort share most of their
+    direction, so the MLP sees them standardised per dimension, with the mean and spread of the
+    training entities (:meth:`fit`, once, before training; stored with the checkpoint).
+    """
 
     def __init__(self, entity_dim: int, hidden_size: int):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(entity_dim, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
+        self.register_buffer("feature_mean", torch.zeros(entity_dim))
+        self.register_buffer("feature_scale", torch.ones(entity_dim))
+
+    @torch.no_grad()
+    def fit(self, features: Tensor) -> None:
+        """Standardisation statistics from the training entities' rows [N, d_e], one row per entity;
+        a dimension that does not vary among them is centred only."""
+        std = features.std(0, unbiased=False)
+        self.feature_mean.copy_(features.mean(0))
+        self.feature_scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
     def forward(self, entity: Tensor) -> Tensor:
-        return self.mlp(entity)
+        return self.mlp((entity - self.feature_mean) / self.feature_scale)
 
 
 def sincos_1d(dim: int, positions: Tensor) -> Tensor:

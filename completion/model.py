@@ -94,8 +94,11 @@ class CompletionModel(nn.Module):
     @torch.no_grad()
     def fit_statistics(self, train: Batch, task_config: TaskConfig, tasks: tuple[str, ...],
                        generator: torch.Generator, max_entities: int = 2048) -> None:
-        """The slot-of-day profile and the residual scale s from training entities (once, before
-        training): s_c is the RMS of (X - prior) over target entries of randomly drawn tasks."""
+        """The slot-of-day profile, the residual scale s and the standardisation of the entity
+        vectors (one row per distinct training entity: users repeat over their windows) from training
+        entities (once, before training): s_c is the RMS of (X - prior) over target entries of
+        randomly drawn tasks."""
+        self.dit.entity_embedder.fit(torch.unique(train.entity, dim=0))
         rows = torch.randperm(len(train), generator=generator)[:max_entities]
         batch = train[rows]
         if self.prior_kind == "carry" and self.prior_seasonal and batch.timestamps is not None:

@@ -4,11 +4,19 @@
   observed: the `available` mask (days with records x real cells).
 - cells: one-hot of each cell's location cluster, [H, W, n_clusters]; padding cells
   (cluster -1) are all zeros. This is the source of E_pos.
-- entity: the user's h_u, a row of an embedding matrix keyed by user id (`load_embeddings`: an
-  `.npz` or `.safetensors` file with `user_id` [N] and `embedding` [N, d], as recipes/embed.py
-  writes). Without a matrix, the documented default is the user's cell-cluster histogram (the
-  share of the user's H x W cells in each cluster), static side information that never sees the
-  behaviour values. Users missing from a given matrix get zeros, and are counted.
+- entity: the input of h_u (Eq. 24), a row of an embedding matrix keyed by user id (`load_embeddings`:
+  an `.npz` or `.safetensors` file with `user_id` [N] and `embedding` [N, d]; recipes/embed.py writes
+  the frozen SBERT encoding of each profile). The model's entity MLP standardises and maps it to
+  h_u, trained with the DiT (`completion.dit.EntityEmbedder`). Without a matrix, the documented
+  default is the user's cell-cluster histogram (the share of the user's H x W cells in each
+  cluster), static side information that never sees the behaviour values. Users missing from a
+  given matrix get zeros, and are counted.
+
+An engine is trained with one embedding matrix: `save_entity_reference` keeps its rows (every user
+of the file: the train users whose rows fitted the MLP's standardisation, and the held-out users it
+was scored on) beside the checkpoint, and `check_entity_reference` refuses a matrix whose rows for
+those users differ (another encoder, pooling or profile source), so an engine never silently reads
+embeddings it was not trained with. Users added since (a new user's profile) pass.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from completion.batch import Batch
 from completion.tensors import BehaviourTensors
@@ -57,6 +65,39 @@ def load_embeddings(path: str | Path) -> Embeddings:
         raise ValueError(f"{path}: embedding must be [N, d] with N = len(user_id) = {len(user_id)}, "
                          f"got {embedding.shape}")
     return Embeddings(user_id, embedding)
+
+
+REFERENCE_FILE = "entity_reference.safetensors"
+
+
+def save_entity_reference(path: str | Path, user_id: np.ndarray, entity: np.ndarray) -> None:
+    """The entity rows of an engine's embedding matrix (one per user), written atomically to `path`."""
+    from scope.io import atomic_path
+
+    users, first = np.unique(np.asarray(user_id, np.int64), return_index=True)
+    with atomic_path(Path(path)) as tmp:
+        save_file({"user_id": users, "entity": np.ascontiguousarray(entity[first], dtype=np.float32)}, str(tmp))
+
+
+def check_entity_reference(path: str | Path, user_id: np.ndarray, entity: np.ndarray, source: str,
+                           atol: float = 1e-4) -> None:
+    """Raise when the rows of `entity` for users in the reference at `path` are not the ones the engine
+    was trained on (or have another width)."""
+    reference = load_file(str(path))
+    if reference["entity"].shape[1] != entity.shape[1]:
+        raise ValueError(f"{source}: {entity.shape[1]}-d user embeddings, but the engine beside {path} was trained on "
+                         f"{reference['entity'].shape[1]}-d ones")
+    index = {int(u): i for i, u in enumerate(reference["user_id"])}
+    rows = np.array([index.get(int(u), -1) for u in user_id])
+    known = rows >= 0
+    if known.any():
+        gaps = np.abs(entity[known] - reference["entity"][rows[known]]).max(1)
+        if gaps.max() > atol:
+            differing = len(set(np.asarray(user_id)[known][gaps > atol].tolist()))
+            raise ValueError(f"{source}: the embeddings of {differing} users differ from those the engine beside {path} "
+                             f"was trained on (max difference {gaps.max():.3g}): another embed output (encoder, pooling "
+                             "or profiles). Pass the embeddings the engine was trained with, or retrain it "
+                             "(`complete.py train`)")
 
 
 def cluster_count(tensors: BehaviourTensors) -> int:

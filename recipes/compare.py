@@ -148,14 +148,14 @@ def main(cfg: Configs, compare: CompareArguments) -> dict:
         raise SystemExit(f"{path}: no trained engine; run `recipes/complete.py train` first or set --engine_dir")
     model_config, _, _ = checkpoint_configs(path)
     model = load_model(path).to(cfg.train.device)
-    train = load_split(cfg, "train", model_config.cell_dim)
+    train = load_split(cfg, "train", model_config.cell_dim, path.parent)
     model.set_slots_per_day(train.slots_per_day)
     calibration = calibration_path(compare.engine_dir or args.output_dir, args.data_name)
     if calibration.exists():   # the engine that evaluate scores: residual weight and spread fitted on val
         model.load_calibration(json.loads(calibration.read_text()))
     cold_split = compare.cold_split or ("cold" if args.data == "tensors" else args.split)
     splits = {t: (cold_split if t == "cold" else args.split) for t in args.eval_tasks}
-    data = {s: _subset(load_split(cfg, s, model_config.cell_dim), compare.compare_entities)
+    data = {s: _subset(load_split(cfg, s, model_config.cell_dim, path.parent), compare.compare_entities)
             for s in set(splits.values())}
     slots_per_day = train.slots_per_day
     T = train.batch.x.shape[2]

@@ -55,7 +55,7 @@ from completion.tasks import TASKS, TaskConfig
 from completion.tensors import BehaviourTensors
 from completion.train import (CHECKPOINT, TrainConfig, check_resume, checkpoint_configs, distributed, load_model,
                               train)
-from completion.users import load_embeddings, user_batch
+from completion.users import REFERENCE_FILE, check_entity_reference, load_embeddings, save_entity_reference, user_batch
 from scope.cli import parse_config, run_recipe
 from scope.io import atomic_path, checkpoint_metadata, write_json
 
@@ -127,9 +127,10 @@ class Data:
     user_id: np.ndarray | None = None
 
 
-def load_split(cfg: Configs, split: str, cell_dim: int | None = None) -> Data:
+def load_split(cfg: Configs, split: str, cell_dim: int | None = None, engine_dir: str | Path | None = None) -> Data:
     """One split of the configured data, at the configured slots per day (`slots_per_day`, 0 = from
-    the data's timestamps); `cell_dim` (a checkpoint's POI width) is checked against the data's."""
+    the data's timestamps); `cell_dim` (a checkpoint's POI width) is checked against the data's, and
+    the user embeddings against those the engine in `engine_dir` was trained on."""
     args, slots_per_day = cfg.args, cfg.model.slots_per_day
     if args.data == "city":
         city = load_city(args.data_path, slots_per_day, cell_dim, args.pad_poi)
@@ -141,6 +142,11 @@ def load_split(cfg: Configs, split: str, cell_dim: int | None = None) -> Data:
     tensors = BehaviourTensors(args.data_path, split)
     embeddings = load_embeddings(args.embeddings) if args.embeddings else None
     batch, users = user_batch(tensors, embeddings)
+    reference = Path(engine_dir) / REFERENCE_FILE if engine_dir is not None else None
+    if reference is not None and reference.exists():
+        if embeddings is None:
+            raise ValueError(f"the engine beside {reference} was trained on user embeddings: pass them (--embeddings)")
+        check_entity_reference(reference, embeddings.user_id, embeddings.embedding, args.embeddings)
 
     def inverse(z):
         return tensors.normalizer.inverse_transform(z, channel_axis=z.dim() - 4)
@@ -180,6 +186,12 @@ def cmd_train(cfg: Configs) -> dict:
     rank, _ = distributed(train_config.device)  # several processes: rank 0 writes, all train
     if rank == 0:
         write_json(run / "args.json", settings(replace(cfg, model=model_config)))  # with the prior chosen on val
+        if args.data == "tensors" and args.embeddings:   # the embeddings it learns h_u from, checked by every later command
+            embeddings = load_embeddings(args.embeddings)
+            if checkpoint.exists() and (run / REFERENCE_FILE).exists():   # resuming: the same embeddings
+                check_entity_reference(run / REFERENCE_FILE, embeddings.user_id, embeddings.embedding, args.embeddings)
+            else:
+                save_entity_reference(run / REFERENCE_FILE, embeddings.user_id, embeddings.embedding)
     # drop steps logged after the checkpoint
     tensorboard = SummaryWriter(str(run / "tb"), purge_step=resumed_at) if rank == 0 else contextlib.nullcontext()
     with tensorboard as writer:
@@ -230,7 +242,7 @@ def _model_and_split(cfg: Configs, split: str, calibrated: bool = True):
     if not path.exists():
         raise FileNotFoundError(f"{path}: no checkpoint; run `complete.py train` with this output_dir first")
     model_config, _, _ = checkpoint_configs(path)
-    data = load_split(cfg, split, model_config.cell_dim)
+    data = load_split(cfg, split, model_config.cell_dim, path.parent)
     model = load_model(path).to(cfg.train.device)
     model.set_slots_per_day(data.slots_per_day)
     if calibrated and _calibration_path(args).exists():

@@ -1,4 +1,6 @@
-"""User embeddings h_u (Eq. 24): profile -> frozen Sentence-BERT -> MLP head, stored per user.
+"""User profile encodings (the frozen half of Eq. 24): profile -> frozen Sentence-BERT, stored per user.
+
+The MLP of Eq. 24 that turns them into h_u is trained with the completion engine (recipes/complete.py).
 
     python recipes/embed.py                               # CPU default: recipes/configs/embed.yaml
 
@@ -17,7 +19,7 @@ import numpy as np
 
 from scope.cli import parse_config, run_recipe
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
-from scope.profiles.embedding import EmbeddingHead, HeadConfig, ProfileEncoder, write_user_embeddings
+from scope.profiles.embedding import ProfileEncoder, write_user_embeddings
 from scope.profiles.llms import EMBEDDER, load_embedder
 from scope.profiles.schema import ProfileError, parse_profile
 
@@ -29,9 +31,7 @@ log = logging.getLogger("recipes.embed")
 class EmbedArguments(ProfileDataArguments):
     output_dir: str = "runs/uscope/embeddings"
     encoder: str = EMBEDDER
-    dim: int = 64
-    hidden_dim: int = 256
-    head_seed: int = 0
+    pooling: str = "mean"                 # mean (the encoder's own) | cls (the first token, the paper's [CLS])
     batch_size: int = 64
     splits: list[str] = field(default_factory=lambda: ["train", "val", "test", "cold"])
     student_base: str = ""                # e.g. smollm2-135m-instruct: profile users with the student instead
@@ -70,17 +70,16 @@ def main(args: EmbedArguments) -> dict:
     if not users:
         raise ValueError(f"no profiled users in splits {args.splits}")
     texts, jsons, fallbacks = profile_texts(args, corpus, users)
-    encoder = ProfileEncoder(load_embedder(args.encoder, args.device),
-                             EmbeddingHead(HeadConfig(hidden_dim=args.hidden_dim, dim=args.dim, seed=args.head_seed)))
+    encoder = ProfileEncoder(load_embedder(args.encoder, args.device), args.pooling)
     t = time.perf_counter()
-    h, sbert = encoder.encode(texts, batch_size=args.batch_size)
+    features = encoder.encode(texts, batch_size=args.batch_size)
     encode_s = time.perf_counter() - t
-    path = write_user_embeddings(args.output_dir, users, texts, jsons, [corpus.split_of[u] for u in users], h, sbert,
-                                 encoder.head, args.encoder)
-    summary = {"users": len(users), "dim": int(h.shape[1]), "student_fallbacks": fallbacks,
-               "encode_users_per_s": len(users) / max(encode_s, 1e-9), "wall_s": time.perf_counter() - start,
-               "path": str(path), "finite": bool(np.isfinite(h).all())}
-    print(f"wrote h_u [{len(users)} x {h.shape[1]}] to {path}")
+    path = write_user_embeddings(args.output_dir, users, texts, jsons, [corpus.split_of[u] for u in users], features,
+                                 args.encoder, args.pooling)
+    summary = {"users": len(users), "dim": int(features.shape[1]), "pooling": args.pooling,
+               "student_fallbacks": fallbacks, "encode_users_per_s": len(users) / max(encode_s, 1e-9),
+               "wall_s": time.perf_counter() - start, "path": str(path), "finite": bool(np.isfinite(features).all())}
+    print(f"wrote the profile encodings [{len(users)} x {features.shape[1]}] to {path}")
     return summary
 
 

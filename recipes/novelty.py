@@ -33,7 +33,7 @@ from scope.profiles.sft import set_stop_token
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "novelty.yaml"
 log = logging.getLogger("recipes.novelty")
-BASELINES = ("popularity", "kNN (statistics)", "kNN (h_u)")   # the recommenders the student should beat
+BASELINES = ("popularity", "kNN (statistics)", "kNN (profile encoding)")   # the recommenders the student should beat
 
 
 @dataclass
@@ -65,9 +65,9 @@ def main(args: NoveltyArguments) -> dict:
                          f"(excluded: {task.excluded})")
     encoder = None
     if args.encoder:
-        from scope.profiles.embedding import EmbeddingHead, HeadConfig, ProfileEncoder
+        from scope.profiles.embedding import ProfileEncoder
 
-        encoder = ProfileEncoder(load_embedder(args.encoder), EmbeddingHead(HeadConfig()))
+        encoder = ProfileEncoder(load_embedder(args.encoder))
     scores = task.baselines(corpus, encoder)
     builder, out = PromptBuilder(), Path(args.output_dir)
     prompts = task.prompts(builder)

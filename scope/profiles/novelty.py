@@ -25,7 +25,7 @@ k = 1, 3, per item type):
 
 - :class:`PopularityRecommender`: how many training users used the item (whole history);
 - :class:`NeighbourRecommender`: item-kNN, the ``k`` training users most similar by cosine of
-  :func:`stats_vector` (raw statistics) or of ``h_u`` (Eq. 24, the embedding of the profile);
+  :func:`stats_vector` (raw statistics) or of the profile's frozen SBERT encoding (Eq. 24's input);
 - :class:`PersonaPrior` (the grounded teacher): per persona, the share of training users' cases
   (the same cuts) in which an unseen item turned up in the hidden part, smoothed towards all
   personas, plus the statistics-kNN evidence (so it is not independent of that baseline) and, for
@@ -461,10 +461,10 @@ def evaluate_recommender(recommend, cases: Sequence[NoveltyCase], vocabulary: Vo
 
 
 def profile_vectors(stats: Sequence[UserStatistics], encoder) -> np.ndarray:
-    """``h_u`` (Eq. 24) of the grounded profile of each statistics (the kNN-by-``h_u`` baseline)."""
+    """The frozen SBERT encoding (Eq. 24's input) of the grounded profile of each statistics (the kNN-by-profile baseline)."""
     from scope.profiles.teachers import grounded_profile
 
-    return encoder.encode([grounded_profile(s).to_text() for s in stats])[0]
+    return encoder.encode([grounded_profile(s).to_text() for s in stats])
 
 
 @dataclass
@@ -497,15 +497,15 @@ class NoveltyTask:
                    PersonaPrior(train_cases, vocabulary, knn), train_users)
 
     def baselines(self, corpus, encoder=None) -> dict[str, list[CaseScore]]:
-        """Scores of popularity, both kNNs (``h_u`` only with an ``encoder``) and the grounded teacher."""
+        """Scores of popularity, both kNNs (the profile encoding only with an ``encoder``) and the grounded teacher."""
         out = {"popularity": evaluate_recommender(self.popularity, self.cases, self.vocabulary),
                "kNN (statistics)": evaluate_recommender(lambda c: self.knn_stats(c, stats_vector(c.stats)),
                                                         self.cases, self.vocabulary)}
         if encoder is not None:
             train = profile_vectors([corpus.stats[u] for u in self.train_users], encoder)
-            knn = NeighbourRecommender("kNN (h_u)", train, self.knn_stats.items, self.popularity)
+            knn = NeighbourRecommender("kNN (profile encoding)", train, self.knn_stats.items, self.popularity)
             mine = profile_vectors([c.stats for c in self.cases], encoder)
-            out["kNN (h_u)"] = [score_case(c, knn(c, v), self.vocabulary) for c, v in zip(self.cases, mine)]
+            out["kNN (profile encoding)"] = [score_case(c, knn(c, v), self.vocabulary) for c, v in zip(self.cases, mine)]
         out["grounded teacher"] = evaluate_recommender(self.teacher, self.cases, self.vocabulary)
         return out
 

@@ -394,8 +394,9 @@ def section_synthesis(run: Run) -> Section:
 
 def section_embeddings(run: Run, out_dir: Path) -> tuple[Section, dict]:
     s = Section("embeddings", "U-SCOPE: user embeddings h_u",
-                "Each user's profile text is encoded by a frozen Sentence-BERT and a small MLP into h_u (Eq. 24), the only "
-                "user-specific input of the completion model.")
+                "Each user's profile text is encoded by a frozen Sentence-BERT (the embed stage); the completion model's "
+                "entity MLP standardises that encoding and maps it to h_u (Eq. 24), trained with U-MASK and the DiT. "
+                "It is the only user-specific input of the completion model.")
     figures: dict = {}
 
     def build(s: Section):
@@ -428,9 +429,9 @@ def section_embeddings(run: Run, out_dir: Path) -> tuple[Section, dict]:
                           else "unknown" for u in users]
                 what, coloured_by = "profile persona", "the persona their profile names (no simulator ground truth)"
         figures["user_clusters"] = user_cluster_figure(h, labels, out_dir / "user_clusters.png",
-                                                       title=f"h_u of {len(users)} users by {what}")
+                                                       title=f"profile encodings of {len(users)} users by {what}")
         s.figure(out_dir / "user_clusters.png",
-                 "User clusters: the users' embeddings projected on their two main directions (PCA), coloured by "
+                 "User clusters: the users' frozen profile encodings projected on their two main directions (PCA), coloured by "
                  f"{coloured_by}; well separated colours mean the profiles capture who the user is "
                  "(silhouette in the title: 1 = perfectly separated, 0 = no structure).")
     guarded(run, s, "embed", build)
