@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from completion.baselines import ARIMA, DiTForecaster, HistoricalAverage, PatchTST, Persistence, train_patchtst
+from completion.baselines import ARIMA, DiTForecaster, HistoricalAverage, MaskedPatchTransformer, Persistence, train_patch_transformer
 from completion.batch import Batch
 from completion.evaluate import Sparsity, calibrate, evaluate
 from completion.masks import FIXED_MASKS
@@ -25,7 +25,7 @@ from completion.model import CompletionModel, ModelConfig
 from completion.tasks import DROP_KINDS, TaskConfig
 from completion.train import TrainConfig, train
 
-SIMPLE = ("persistence", "ha", "arima", "patchtst")
+SIMPLE = ("persistence", "ha", "arima", "masked_patch_transformer", "patchtst_transformers", "hu_knn")
 
 
 def log(msg: str) -> None:
@@ -70,7 +70,7 @@ def fit_baselines(train_b: Batch, val: Batch, task_config: TaskConfig, tasks: tu
                   patchtst_steps: int, patchtst_batch: int, seed: int, arima_val: int = 64,
                   arima: bool = True) -> tuple[dict, dict]:
     """Persistence, HA (profile or not, chosen on val), ARIMA (order and harmonics per task, chosen
-    on a val subset) and a PatchTST-style model (trained with `seed`) -> ({name: method or {task:
+    on a val subset) and the hand-written masked patch transformer (trained with `seed`) -> ({name: method or {task:
     method}}, choices)."""
     chosen = {}
     candidates = {p: HistoricalAverage(profile=p, slots_per_day=slots_per_day).fit(train_b) for p in (False, True)}
@@ -88,10 +88,10 @@ def fit_baselines(train_b: Batch, val: Batch, task_config: TaskConfig, tasks: tu
             chosen[f"arima_{t}"] = {"order": key[0], "fourier": key[1]}
             methods["arima"][t] = grid[key]
     torch.manual_seed(seed)
-    patchtst = PatchTST(T=train_b.x.shape[2], channels=train_b.x.shape[1], slots_per_day=slots_per_day)
-    train_patchtst(patchtst, train_b, task_config, forecast or tasks, steps=patchtst_steps,
+    patchtst = MaskedPatchTransformer(T=train_b.x.shape[2], channels=train_b.x.shape[1], slots_per_day=slots_per_day)
+    train_patch_transformer(patchtst, train_b, task_config, forecast or tasks, steps=patchtst_steps,
                    batch_size=patchtst_batch, seed=seed)
-    methods["patchtst"] = patchtst
+    methods["masked_patch_transformer"] = patchtst
     return methods, chosen
 
 

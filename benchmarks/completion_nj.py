@@ -18,7 +18,7 @@ the remaining seeds.
 
 Keys of the last stdout line (also `benchmarks/results/<name>.json`):
 - `engine_vs_best_baseline_{short,long}`: 1 - engine / best of persistence, seasonal HA, ARIMA
-  and PatchTST-style (normalised RMSE; > 0: the engine is better);
+  and the masked patch transformer (normalised RMSE; > 0: the engine is better);
 - `umask_vs_fixed_{short,long}_rmse_gain`: against the best fixed mask, no dropped history;
 - `coverage90` and `crps` per task (the engine's calibrated samples);
 - `sparsity`: {level: {umask, best_fixed, whole_region, ...}} (mean of tasks and drop kinds);
@@ -83,8 +83,8 @@ def project_protocol(args, nj, val, test, budget):
             for name in ("persistence", "ha", "arima"):
                 if name in methods:
                     table[name] = score(methods[name], test, TASKS, task_config, nj.inverse)
-        patchtst_runs.append(score(methods["patchtst"], test, TASKS, task_config, nj.inverse))
-    table["patchtst"] = summarise(patchtst_runs)
+        patchtst_runs.append(score(methods["masked_patch_transformer"], test, TASKS, task_config, nj.inverse))
+    table["masked_patch_transformer"] = summarise(patchtst_runs)
     log("baselines " + ", ".join(f"{m} {[table[m][t]['rmse_mean'] for t in TASKS]}" for m in table))
 
     damping, shrinkage, prior_val = choose_prior(train_b, val, TASKS, task_config, nj.slots_per_day)
@@ -129,7 +129,7 @@ def uomo_row(method, city, batch, task, regions, truth) -> dict:
 
 def uomo_protocol(args, budget) -> dict:
     """UoMo's tasks and scale (`completion.uomo`): persistence, the same-area lookup, HA,
-    PatchTST-style and the engine (`args.seeds` seeds), trained on train in UoMo's scale. Every
+    the masked patch transformer and the engine (`args.seeds` seeds), trained on train in UoMo's scale. Every
     choice (the prior's damping and shrinkage, the HA variant, the engine's residual weight and
     spread) is fitted on the val windows of the first half of the week (`time_halves`), which are
     never scored; reported: val's windows after them (val is the split UoMo's code reports) and
@@ -163,7 +163,7 @@ def uomo_protocol(args, budget) -> dict:
             task, regions = task_regions(batch, t, UOMO_TASKS)
             scored = (nj, batch, task, regions, truth)
             rows = {name: uomo_row(method_for(baselines[name], t), *scored)
-                    for name in ("persistence", "same_area_lookup", "ha", "patchtst")}
+                    for name in ("persistence", "same_area_lookup", "ha", "masked_patch_transformer")}
             runs = [uomo_row(DiTForecaster(m, "umask", n_samples=4, steps=0), *scored) for m in engines]
             rows["engine"] = {k: np.mean([r[k] for r in runs], 0).round(6).tolist() for k in runs[0]}
             rows["engine"]["rmse_std"] = np.std([r["rmse"] for r in runs], 0).round(6).tolist()

@@ -9,8 +9,10 @@ the *whole* available region (visible channels) as evidence; only U-MASK chooses
   (optionally) a slot-of-day profile fitted on training entities.
 - `ARIMA`: one low-order ARIMA per entity/channel/cell series, fitted on the available history,
   with daily seasonality as Fourier regressors (not a 96-lag seasonal model).
-- `PatchTST`: a small channel-independent PatchTST-style model: each series is cut into
-  patches, a transformer encoder reads them, a linear head writes every patch back.
+- `MaskedPatchTransformer`: a small hand-written channel-independent patch transformer that reads
+  the whole masked series (values and availability per patch) and writes every patch back.
+- `PatchTSTForecaster`: transformers' `PatchTSTForPrediction`, one per forecasting task.
+- `UserKNN`: the mean profile of the training users nearest by an embedding (h_u).
 - `DiTForecaster`: the shared DiT of `CompletionModel` with the evidence given explicitly. With
   `evidence="available"` it is the fixed-mask (random / tube / temporal, trained with
   `TrainConfig.mask`) and the no-entity (`ModelConfig.entity_conditioning=False`) controls; with
@@ -178,10 +180,10 @@ class ARIMA:
 
 
 #################################################################################
-#                        PatchTST-style forecaster                              #
+#                 Masked patch transformer (hand-written)                       #
 #################################################################################
 
-class PatchTST(nn.Module):
+class MaskedPatchTransformer(nn.Module):
     """Channel-independent patch transformer over single series (Nie et al., 2023, in spirit).
 
     A series of T slots, with its evidence zeroed outside the available slots, is shifted by its
@@ -241,7 +243,7 @@ def from_series(series: Tensor, shape: torch.Size) -> Tensor:
     return series.reshape(B, C, H, W, T).permute(0, 1, 4, 2, 3)
 
 
-def train_patchtst(model: PatchTST, train: Batch, task_config: TaskConfig,
+def train_patch_transformer(model: MaskedPatchTransformer, train: Batch, task_config: TaskConfig,
                    tasks: tuple[str, ...] = ("short", "long"), steps: int = 1000, batch_size: int = 32,
                    lr: float = 1e-3, seed: int = 0, progress: bool = False) -> list[float]:
     """MSE on target entries of randomly drawn entities and tasks; returns the per-step losses."""
@@ -250,7 +252,7 @@ def train_patchtst(model: PatchTST, train: Batch, task_config: TaskConfig,
     task_ids = torch.tensor([task_index(t) for t in tasks])
     losses = []
     model.train()
-    for _ in tqdm(range(steps), disable=not progress, desc="patchtst"):
+    for _ in tqdm(range(steps), disable=not progress, desc="masked patch transformer"):
         rows = torch.randint(len(train), (batch_size,), generator=g)
         batch = train[rows]
         task = task_ids[torch.randint(len(task_ids), (batch_size,), generator=g)]
@@ -264,6 +266,129 @@ def train_patchtst(model: PatchTST, train: Batch, task_config: TaskConfig,
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+#################################################################################
+#                 PatchTST (transformers) and user kNN                          #
+#################################################################################
+
+class PatchTSTForecaster:
+    """transformers' ``PatchTSTForPrediction`` (Nie et al., 2023) on one forecasting task.
+
+    Each (entity, cell) of a window is a C-channel series; the model reads its ``T - horizon``
+    context slots (``past_observed_mask`` = the available region, so the instance scaling ignores
+    missing entries) and predicts the last ``horizon`` slots. Channel-independent, as the paper
+    (``channel_attention=False``, shared patch embedding). The cold task has no context prefix and
+    gets no PatchTST. ``fit`` trains on target entries of training windows (MSE).
+    """
+
+    def __init__(self, T: int, channels: int, horizon: int, patch_length: int = 8, d_model: int = 64,
+                 layers: int = 2, heads: int = 4):
+        from transformers import PatchTSTConfig, PatchTSTForPrediction
+
+        self.T, self.horizon, self.context = T, horizon, T - horizon
+        config = PatchTSTConfig(num_input_channels=channels, context_length=self.context,
+                                prediction_length=horizon, patch_length=patch_length, patch_stride=patch_length,
+                                d_model=d_model, num_hidden_layers=layers, num_attention_heads=heads,
+                                ffn_dim=4 * d_model, scaling="std", loss="mse")
+        self.model = PatchTSTForPrediction(config)
+
+    def _series(self, batch: Batch, regions: Regions) -> tuple[Tensor, Tensor]:
+        """-> past values and observed mask [B*H*W, context, C] of the available region."""
+        A = available_evidence(regions)
+        def flat(v: Tensor) -> Tensor:  # [B, C, T, H, W] -> [B*H*W, T, C]
+            B, C, T, H, W = v.shape
+            return v.permute(0, 3, 4, 2, 1).reshape(B * H * W, T, C)[:, :self.context]
+        return flat(batch.x * A), flat(A)
+
+    def _forecast(self, past: Tensor, observed: Tensor) -> Tensor:
+        return self.model(past_values=past, past_observed_mask=observed).prediction_outputs
+
+    def _place(self, batch: Batch, forecast: Tensor) -> Tensor:
+        B, C, T, H, W = batch.x.shape
+        out = batch.x.clone()
+        out[:, :, self.context:] = forecast.reshape(B, H, W, self.horizon, C).permute(0, 4, 3, 1, 2)
+        return out
+
+    def fit(self, train: Batch, task_name: str, task_config: TaskConfig, steps: int, batch_size: int,
+            lr: float = 1e-3, seed: int = 0) -> list[float]:
+        g = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        task_id = task_index(task_name)
+        losses = []
+        self.model.train()
+        for _ in range(steps):
+            batch = train[torch.randint(len(train), (batch_size,), generator=g)]
+            task = torch.full((batch_size,), task_id)
+            regions = make_regions(task, batch.observed, batch.x.shape[1], task_config, g)
+            pred = self._place(batch, self._forecast(*self._series(batch, regions)))
+            target = regions.target.float()
+            loss = ((pred - batch.x) ** 2 * target).sum() / target.sum().clamp(min=1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    def predict(self, batch: Batch, task: Tensor, regions: Regions, chunk: int = 64) -> Tensor:
+        self.model.eval()
+        with torch.no_grad():
+            return torch.cat([self._place(batch[i:i + chunk], self._forecast(*self._series(batch[i:i + chunk],
+                                                                                           regions[i:i + chunk])))
+                              for i in range(0, len(batch), chunk)])
+
+
+class UserKNN:
+    """Borrow from similar users: the k training users nearest by cosine similarity of ``embed(entity)``
+    (h_u of a trained engine: what a good user embedding should already give on cold start).
+
+    ``fit`` keeps each training user's mean of every (channel, slot of day, cell) over its observed
+    entries; ``predict`` returns, at every slot, the mean of the k neighbours' profiles there (their
+    pooled entries), 0 (the training mean) where none has one. With ``own_level`` the prediction is
+    shifted, per channel, to the entity's own mean over its available region (the neighbours' shape
+    at the user's level).
+    """
+
+    def __init__(self, embed, k: int = 10, slots_per_day: int = 96, own_level: bool = False):
+        self.embed, self.k, self.slots_per_day, self.own_level = embed, k, slots_per_day, own_level
+
+    @torch.no_grad()
+    def fit(self, train: Batch, chunk: int = 256) -> UserKNN:
+        rows, owner = torch.unique(train.entity, dim=0, return_inverse=True)
+        self.keys = F.normalize(self.embed(rows), dim=-1)
+        _, C, T, H, W = train.x.shape
+        S = self.slots_per_day
+        self.sums = torch.zeros(len(rows) * S, C * H * W)
+        self.counts = torch.zeros(len(rows) * S, H * W)
+        for i in range(0, len(train), chunk):
+            b = train[i:i + chunk]
+            index = (owner[i:i + chunk, None] * S + b.timestamps[..., 1].long()).flatten()  # [b*T]
+            obs = b.observed.float()  # [b, T, H, W]
+            x = (b.x * obs[:, None]).permute(0, 2, 1, 3, 4).reshape(-1, C * H * W)
+            self.sums.index_add_(0, index, x)
+            self.counts.index_add_(0, index, obs.reshape(-1, H * W))
+        self.shape = (C, H, W)
+        return self
+
+    @torch.no_grad()
+    def predict(self, batch: Batch, task: Tensor, regions: Regions) -> Tensor:
+        C, H, W = self.shape
+        B, _, T = batch.x.shape[:3]
+        S = self.slots_per_day
+        k = min(self.k, len(self.keys))
+        neighbours = (F.normalize(self.embed(batch.entity), dim=-1) @ self.keys.T).topk(k, dim=1).indices  # [B, k]
+        index = neighbours[:, :, None] * S + batch.timestamps[..., 1].long()[:, None, :]  # [B, k, T]
+        sums = self.sums[index].sum(1).reshape(B, T, C, H, W)
+        counts = self.counts[index].sum(1).reshape(B, T, 1, H, W)
+        pred = (sums / counts.clamp(min=1)).permute(0, 2, 1, 3, 4).contiguous()
+        if self.own_level:
+            A = available_evidence(regions)
+            n = A.sum((2, 3, 4), keepdim=True)
+            own = (batch.x * A).sum((2, 3, 4), keepdim=True) / n.clamp(min=1)
+            borrowed = (pred * A).sum((2, 3, 4), keepdim=True) / n.clamp(min=1)
+            pred = pred + torch.where(n > 0, own - borrowed, torch.zeros_like(own))
+        return pred
 
 
 #################################################################################
@@ -295,7 +420,37 @@ class DiTForecaster:
 POINTS = ("first_step", "sample_mean")
 
 
-BASELINES = {"persistence": Persistence, "ha": HistoricalAverage, "arima": ARIMA, "patchtst": PatchTST, "dit": DiTForecaster}
+class ConditioningControl:
+    """A forecaster read with other user vectors, same weights: what the entity vector (h_u's input)
+    adds at test time. `mean`: every entity gets the batch's mean vector; `shuffled`: the distinct
+    vectors (one per user) are handed on to other users by a seeded cyclic shift of a random order,
+    so no user keeps its own."""
+
+    KINDS = ("mean", "shuffled")
+
+    def __init__(self, forecaster, kind: str, seed: int = 0):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown conditioning control {kind!r}; expected one of {self.KINDS}")
+        self.forecaster, self.kind, self.seed = forecaster, kind, seed
+
+    def controlled(self, batch: Batch) -> Batch:
+        from dataclasses import replace
+
+        if self.kind == "mean":
+            return replace(batch, entity=batch.entity.mean(0, keepdim=True).expand_as(batch.entity).contiguous())
+        rows, owner = torch.unique(batch.entity, dim=0, return_inverse=True)
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed))
+        given = torch.empty_like(order)
+        given[order] = order.roll(1)   # the user at order[i] gets the vector of order[i - 1]
+        return replace(batch, entity=rows[given][owner])
+
+    def predict(self, batch: Batch, task: Tensor, regions: Regions) -> Tensor:
+        out = self.forecaster.predict(self.controlled(batch), task, regions)
+        self.samples = getattr(self.forecaster, "samples", None)
+        return out
+
+
+BASELINES = {"persistence": Persistence, "ha": HistoricalAverage, "arima": ARIMA, "masked_patch_transformer": MaskedPatchTransformer, "dit": DiTForecaster}
 
 
 def make_baseline(name: str, **kwargs):

@@ -89,9 +89,11 @@ EVIDENCE = ("umask", "available")
 @torch.no_grad()
 def complete_chunked(model: CompletionModel, batch: Batch, task: Tensor, regions: Regions,
                      evidence: str = "umask", n_samples: int = 8, steps: int | None = 20,
-                     seed: int = 0, chunk: int = 256, recenter: bool = True) -> tuple[Tensor, Tensor]:
+                     seed: int = 0, chunk: int = 256, recenter: bool = True, eta: float | None = None
+                     ) -> tuple[Tensor, Tensor]:
     """Samples [S, B, C, T, H, W] and point estimates [B, C, T, H, W] (on the CPU), in chunks of
-    entities on the model's device; evidence = U-MASK's choice or the whole available region."""
+    entities on the model's device; evidence = U-MASK's choice or the whole available region; `eta`:
+    the sampler's stochasticity (`completion.diffusion.sample`; None: its default)."""
     if evidence not in EVIDENCE:
         raise ValueError(f"unknown evidence {evidence!r}; expected one of {EVIDENCE}")
     model.eval()
@@ -100,10 +102,11 @@ def complete_chunked(model: CompletionModel, batch: Batch, task: Tensor, regions
     samples, points = [], []
     for i in range(0, len(batch), chunk):
         rows = slice(i, i + chunk)
-        sub = Regions(*(r[rows].to(device) for r in (regions.target, regions.available, regions.visible)))
+        sub = regions[rows]
+        sub = Regions(sub.target.to(device), sub.available.to(device), sub.visible.to(device))
         M = sub.available.float() if evidence == "available" else None
         out = model.complete(batch[rows].to(device), task[rows].to(device), sub, n_samples=n_samples,
-                             steps=steps, M=M, generator=g, recenter=recenter)
+                             steps=steps, eta=eta, M=M, generator=g, recenter=recenter)
         samples.append(out.samples.cpu())
         points.append(out.point.cpu())
     return torch.cat(samples, dim=1), torch.cat(points)
@@ -118,7 +121,7 @@ def umask_outputs(model: CompletionModel, batch: Batch, tasks: tuple[str, ...], 
     for name in tasks:
         task, regions = task_regions(batch, name, config)
         x0 = batch.x - model.offset(batch.x, regions)
-        out[name] = (model.umask(x0, regions.available, regions.visible, batch.cells, task), regions)
+        out[name] = (model.evidence_mask(x0, batch, regions, task, None, None)[1], regions)
     return out
 
 

@@ -13,6 +13,13 @@ region, so evidence is only ever chosen there and target coordinates are never r
 
 Decisions where the paper leaves room (kept here, next to the code they shape):
 - The behavioural encoder sees only the available region (X (.) A and A), never the targets.
+- Eq. 5 reads T_hier(h_b) with h_b both the behaviour summary (section 4.1) and U-SCOPE's semantic
+  embedding (Eq. 24, "the sole interface between U-SCOPE and U-MASK"). Both enter: each pooled
+  behaviour summary gets a linear map of h_u added before its MLP, so h_u reaches F_pat, hence Z,
+  the groups A, the neighbour similarity s_b and the budget gamma_b, rho~_b (Eq. 9-13), and the
+  placement scores psi (Eq. 15). With little evidence (cold start) the summaries are near zero
+  and Z is mostly h_u: neighbours are then users with similar profiles. h_u is the same vector the
+  DiT is conditioned on (the entity MLP of `completion.dit.EntityEmbedder`).
 - T_hier works at three temporal scales: F_short pools the last `short_window` available slots,
   F_long pools all available slots, F_pat is an attention pooling with a learned query.
 - G_tau is an amortised sensitivity head (a per-task linear map of F) trained end to end; its
@@ -115,18 +122,21 @@ class HierarchicalTemporal(nn.Module):
         self.key = nn.Linear(d, d)
         self.pat = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
 
-    def forward(self, h: Tensor, slot_available: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """h: [B, T, d]; slot_available: bool [B, T] (slot has any available coordinate)."""
+    def forward(self, h: Tensor, slot_available: Tensor, user: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """h: [B, T, d]; slot_available: bool [B, T] (slot has any available coordinate); user: [B, d],
+        the user's h_u projected to d (added to each pooled summary before its MLP), or None."""
         B, T, d = h.shape
+        u = 0.0 if user is None else user
         slots = torch.arange(T, device=h.device).expand(B, T)
         last = torch.where(slot_available, slots, -1).max(1, keepdim=True).values
         recent = slot_available & (slots > last - self.short_window)
-        F_short = self.short(masked_mean(h, recent.float()))
-        F_long = self.long(masked_mean(h, slot_available.float()))
+        F_short = self.short(masked_mean(h, recent.float()) + u)
+        F_long = self.long(masked_mean(h, slot_available.float()) + u)
         pos = sincos_1d(d, torch.arange(T)).to(h)
         logits = (self.key(h + pos) @ self.query) / math.sqrt(d)
         attn = logits.masked_fill(~slot_available, -torch.inf).softmax(1).nan_to_num(0.0)
-        F_pat = self.pat((attn[..., None] * h).sum(1))
+        F_pat = self.pat((attn[..., None] * h).sum(1) + u)
         return F_short, F_long, F_pat
 
 
@@ -156,7 +166,7 @@ class UMaskConfig:
 class UMask(nn.Module):
     """Learned evidence masks for entities b and tasks tau; see the module docstring."""
 
-    def __init__(self, channels: int, T: int, cell_dim: int, config: UMaskConfig = UMaskConfig()):
+    def __init__(self, channels: int, T: int, cell_dim: int, config: UMaskConfig = UMaskConfig(), user_dim: int = 0):
         super().__init__()
         n, d = len(TASKS), config.d
         self.refine_steps, self.eta, self.alpha = config.refine_steps, config.eta, config.alpha
@@ -181,14 +191,22 @@ class UMask(nn.Module):
         self.phi_logit = nn.Parameter(torch.where(forecast[:, None], ramp, 0.0))
         self.beta_logit = nn.Parameter(torch.where(forecast, math.log(9.0), 0.0))
         self.E_pos = nn.Linear(cell_dim, d)  # per-cell features -> E_pos(h, w), Eq. 15
+        # h_u (Eq. 24, width user_dim) -> the width of T_hier (Eq. 5); zero at the start, so an untrained
+        # mask reads the behaviour alone and the user's share grows with L_rec. user_dim = 0: no user input.
+        self.user = nn.Linear(user_dim, d) if user_dim else None
+        if self.user is not None:
+            nn.init.zeros_(self.user.weight)
+            nn.init.zeros_(self.user.bias)
         self.register_buffer("bank", torch.zeros(n, config.bank_size, d))
         self.register_buffer("bank_seen", torch.zeros(n, dtype=torch.long))
 
     # Eq. 5-7 ------------------------------------------------------------------
-    def features(self, x: Tensor, A: Tensor, task: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def features(self, x: Tensor, A: Tensor, task: Tensor, h_u: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """-> F_short, F_long, F_pat and lambda = sqrt(diag I), diag I = G_tau(F_{b,tau})^2 + eps."""
         h = self.encoder(x, A)
-        F_short, F_long, F_pat = self.T_hier(h, A.flatten(3).any(3).any(1))
+        user = None if self.user is None or h_u is None else self.user(h_u)
+        F_short, F_long, F_pat = self.T_hier(h, A.flatten(3).any(3).any(1), user)
         F_bt = self.P(torch.cat([F_short, F_long, F_pat], dim=1), task)  # Eq. 6
         fisher = self.G(F_bt, task) ** 2 + self.fisher_eps  # Eq. 7: diag(I)
         return F_short, F_long, F_pat, fisher.sqrt()
@@ -283,11 +301,12 @@ class UMask(nn.Module):
         return M.reshape(B, *p.shape[1:]), k
 
     def forward(self, x: Tensor, available: Tensor, visible: Tensor, cells: Tensor, task: Tensor,
-                generator: torch.Generator | None = None) -> MaskOutput:
+                generator: torch.Generator | None = None, h_u: Tensor | None = None) -> MaskOutput:
         """x: [B, C, T, H, W]; available: bool [B, T, H, W]; visible: bool [B, C];
-        cells: [B, H, W, cell_dim] per-cell features (E_pos source); task: long [B]."""
+        cells: [B, H, W, cell_dim] per-cell features (E_pos source); task: long [B];
+        h_u: [B, user_dim], the user embedding (Eq. 24), or None."""
         A_region = available[:, None] & visible[:, :, None, None, None]
-        F_short, F_long, F_pat, lam = self.features(x, A_region.to(x.dtype), task)
+        F_short, F_long, F_pat, lam = self.features(x, A_region.to(x.dtype), task, h_u)
         Z = self.refine(F_pat, task)
         A = self.groups(Z)
         gamma = self.gate(Z, A, task)

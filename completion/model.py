@@ -162,8 +162,14 @@ class CompletionModel(nn.Module):
         """The T x H x W evidence mask for centred x: U-MASK's, or M restricted to the available region."""
         if M is not None:
             return M.to(x.dtype) * regions.available, None
-        out = self.umask(x, regions.available, regions.visible, batch.cells, task, generator)
+        out = self.umask(x, regions.available, regions.visible, batch.cells, task, generator,
+                         self.user_embedding(batch))
         return out.M, out
+
+    def user_embedding(self, batch: Batch) -> Tensor | None:
+        """h_u = MLP(standardised entity vector) (Eq. 24): the DiT's entity embedder, also read by U-MASK;
+        None for the no-entity control."""
+        return self.dit.entity_embedder(batch.entity) if self.dit.entity_conditioning else None
 
     def _denoiser_inputs(self, batch: Batch, task: Tensor, regions: Regions, M: Tensor | None,
                          generator: torch.Generator | None):
@@ -275,11 +281,12 @@ class ModelConfig:
 
 
 def build_model(config: ModelConfig) -> CompletionModel:
-    umask = UMask(config.channels, config.T, config.cell_dim, config.umask)
     dit = dit_from_preset(config.preset, config.channels, config.entity_dim,
                           patch_size=config.patch_size, slots_per_day=config.slots_per_day,
                           entity_conditioning=config.entity_conditioning, calendar=config.calendar,
                           prior_input=config.prior != "zero")
+    user_dim = dit.entity_embedder.mlp[-1].out_features if config.entity_conditioning else 0
+    umask = UMask(config.channels, config.T, config.cell_dim, config.umask, user_dim=user_dim)
     return CompletionModel(umask, dit, VPSchedule(config.diffusion_steps), center=config.center,
                            prior=config.prior, prior_damping=config.prior_damping,
                            prior_seasonal=config.prior_seasonal, slots_per_day=config.slots_per_day,

@@ -65,6 +65,10 @@ class Regions:
     available: Tensor  # bool [B, T, H, W]
     visible: Tensor  # bool [B, C]
 
+    def __getitem__(self, index) -> Regions:
+        """The regions of entities `index` (a slice or an index tensor)."""
+        return Regions(self.target[index], self.available[index], self.visible[index])
+
     def evidence(self, M: Tensor) -> Tensor:
         """Broadcast a T x H x W mask [B, T, H, W] over the visible channels -> [B, C, T, H, W]."""
         return M[:, None] * self.visible[:, :, None, None, None].to(M.dtype)

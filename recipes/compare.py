@@ -11,9 +11,11 @@ regions (same targets, same available region; completion.evaluate.task_regions w
 seed): persistence (the last available value), the historical average (with the slot-of-day
 profile fitted on train), ARIMA(1,0,0) with a daily Fourier regressor (short / long only: it needs
 a history prefix; windows where a missing day breaks the prefix make it skip that task, reported
-under ``skipped``), a PatchTST-style forecaster trained here on the train split, the same engine
+under ``skipped``), a hand-written masked patch transformer trained here on the train split, the same engine
 completing from the whole available region, and the engine with its own evidence (U-MASK, or the
-whole region for a fixed-mask checkpoint). Short / long are scored on the ``split`` entities;
+whole region for a fixed-mask checkpoint), and two conditioning controls of the same engine (point
+estimates): every user read with the cohort's mean entity vector, and with another user's
+(``completion.baselines.ConditioningControl``): what h_u adds at test. Short / long are scored on the ``split`` entities;
 cold-start, when ``eval_tasks`` has it, on ``cold_split`` (default: the ``cold`` users of
 per-user tensors, ``split`` on a city file), with app-category recommendation (Recall / NDCG @k of
 the categories used in the target period) where the data has app channels. Writes
@@ -32,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from completion.baselines import ARIMA, DiTForecaster, HistoricalAverage, PatchTST, Persistence, train_patchtst
+from completion.baselines import (ARIMA, ConditioningControl, DiTForecaster, HistoricalAverage, MaskedPatchTransformer,
+                                  Persistence, train_patch_transformer)
 from completion.evaluate import evaluate
 from completion.masks import UMaskConfig
 from completion.model import ModelConfig
@@ -54,8 +57,8 @@ class CompareArguments:
     engine_dir: str = ""              # the trained engine; "" = the config's output_dir
     compare_entities: int = 32        # evenly spaced entities per split (0 = all): every method sees the same ones
     cold_split: str = ""              # "" = the cold users of per-user tensors, `split` on a city file
-    patchtst_steps: int = 100
-    patchtst_batch_size: int = 4      # windows per step: each gives C x H x W series (352 on the default tensors)
+    patch_transformer_steps: int = 100
+    patch_transformer_batch_size: int = 4      # windows per step: each gives C x H x W series (352 on the default tensors)
     arima: bool = True
 
 
@@ -162,15 +165,19 @@ def main(cfg: Configs, compare: CompareArguments) -> dict:
 
     ha = HistoricalAverage(profile=True, slots_per_day=slots_per_day).fit(train.batch)
     torch.manual_seed(seed)
-    patchtst = PatchTST(T=T, channels=train.batch.x.shape[1], slots_per_day=slots_per_day)
-    losses = train_patchtst(patchtst, train.batch, cfg.task, ("short", "long"), steps=compare.patchtst_steps,
-                            batch_size=compare.patchtst_batch_size, seed=seed)
+    patch_transformer = MaskedPatchTransformer(T=T, channels=train.batch.x.shape[1], slots_per_day=slots_per_day)
+    losses = train_patch_transformer(patch_transformer, train.batch, cfg.task, ("short", "long"),
+                                     steps=compare.patch_transformer_steps,
+                                     batch_size=compare.patch_transformer_batch_size, seed=seed)
     arima = ARIMA((1, 0, 0), 2, slots_per_day=slots_per_day).fit(train.batch) if compare.arima else None
     methods = {"persistence": Persistence(), "historical average": ha, "ARIMA(1,0,0) + daily Fourier": arima,
-               "PatchTST-style": patchtst,
+               "masked patch transformer": patch_transformer,
                "DiT, whole available region": DiTForecaster(model, "available", args.n_samples, args.sampler_steps,
                                                             seed),
                ENGINE: DiTForecaster(model, _evidence(args, path), args.n_samples, args.sampler_steps, seed)}
+    for kind in ConditioningControl.KINDS:   # the same engine, other users' vectors: what h_u adds at test
+        methods[f"{ENGINE}, {kind} h_u"] = ConditioningControl(
+            DiTForecaster(model, _evidence(args, path), args.n_samples, 0, seed), kind, seed)
     table, skipped, differences = {}, {}, {}
     for task_name, split in splits.items():
         d = data[split]
@@ -193,7 +200,7 @@ def main(cfg: Configs, compare: CompareArguments) -> dict:
               "calibration": str(calibration) if calibration.exists() else None,
               "entities": {s: len(d.batch) for s, d in data.items()}, "tasks": table, "skipped": skipped,
               "engine_minus_baseline": differences,
-              "patchtst_final_loss": float(np.mean(losses[-20:])) if losses else None,
+              "patch_transformer_final_loss": float(np.mean(losses[-20:])) if losses else None,
               "wall_s": round(time.perf_counter() - start, 1),
               "note": "RMSE/MAE on target entries only; *_norm in log1p z-scored units (mean over channels), "
                       "*_apps in records per slot (mean over app-category channels), *_orig per channel "

@@ -1,13 +1,15 @@
 """Baselines behind one interface: exact historical averages, ARIMA on a clean daily sinusoid,
-a PatchTST-style model that learns, DiT controls that read the whole available region."""
+a masked patch transformer that learns, DiT controls that read the whole available region."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from completion.baselines import (ARIMA, DiTForecaster, HistoricalAverage, PatchTST, fourier_terms, make_baseline,
-                                  train_patchtst)
+from completion.baselines import (ARIMA, DiTForecaster, HistoricalAverage, MaskedPatchTransformer, PatchTSTForecaster,
+                                  UserKNN, fourier_terms, make_baseline,
+                                  train_patch_transformer)
 from completion.batch import Batch
 from completion.model import ModelConfig, build_model
 from completion.tasks import TaskConfig, make_regions
@@ -90,16 +92,53 @@ def test_fourier_terms_are_a_constant_and_k_harmonics():
     assert F[1].round(6).tolist() == [1.0, 1.0, 0.0, 0.0, -1.0]  # slot 24 = a quarter day
 
 
-def test_patchtst_learns_the_daily_shape_from_training_series():
+def test_the_masked_patch_transformer_learns_the_daily_shape_from_training_series():
     torch.manual_seed(0)
     train = sinusoid_batch(B=8, T=32, noise=0.02)
     config = TaskConfig(short_horizon=4, long_horizon=8)
-    model = PatchTST(T=32, channels=1, patch_len=8, d_model=16, depth=1, num_heads=2)
-    losses = train_patchtst(model, train, config, steps=60, batch_size=4, lr=3e-3, seed=0)
+    model = MaskedPatchTransformer(T=32, channels=1, patch_len=8, d_model=16, depth=1, num_heads=2)
+    losses = train_patch_transformer(model, train, config, steps=60, batch_size=4, lr=3e-3, seed=0)
     assert sum(losses[-10:]) / 10 < 0.3 * sum(losses[:5]) / 5
     regions = regions_for(train, LONG, config)
     pred = model.predict(train, LONG.expand(8), regions)
     assert pred.shape == train.x.shape and torch.isfinite(pred).all()
+
+
+def test_transformers_patchtst_trains_on_the_projects_windows_and_forecasts_only_the_horizon():
+    torch.manual_seed(0)
+    train = sinusoid_batch(B=8, T=32, noise=0.02)
+    config = TaskConfig(short_horizon=4, long_horizon=8)
+    model = PatchTSTForecaster(T=32, channels=1, horizon=8, patch_length=4, d_model=16, layers=1, heads=2)
+    before = [p.detach().clone() for p in model.model.parameters()]
+    losses = model.fit(train, "long", config, steps=40, batch_size=4, lr=3e-3, seed=0)
+    assert all(math.isfinite(v) for v in losses) and sum(losses[-5:]) < sum(losses[:5])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.model.parameters()))
+    regions = regions_for(train, LONG, config)
+    pred = model.predict(train, LONG.expand(8), regions, chunk=3)
+    assert pred.shape == train.x.shape
+    assert torch.equal(pred[:, :, :24], train.x[:, :, :24])             # only the horizon is forecast
+    assert ((pred - train.x)[:, :, 24:] ** 2).mean() < 0.5 * (train.x[:, :, 24:] ** 2).mean()
+
+
+def test_user_knn_borrows_the_profile_of_the_nearest_training_users():
+    T, S = 8, 4
+    slot = torch.arange(T) % S
+    stamps = torch.stack([torch.zeros(T, dtype=torch.long), slot], -1)[None].expand(4, T, 2)
+    shapes = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-1.0, -1.0, -1.0, -1.0]])      # user A's slot profile, user B's
+    x = torch.stack([shapes[0][slot], shapes[0][slot], shapes[1][slot], shapes[1][slot]])[:, None, :, None, None]
+    entity = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    train = Batch(x=x, observed=torch.ones(4, T, 1, 1, dtype=torch.bool), entity=entity, cells=torch.zeros(4, 1, 1, 1),
+                  timestamps=stamps)
+    knn = UserKNN(lambda e: e, k=1, slots_per_day=S).fit(train)
+    query = Batch(x=torch.zeros(1, 1, T, 1, 1), observed=torch.ones(1, T, 1, 1, dtype=torch.bool),
+                  entity=torch.tensor([[0.9, 0.2]]), cells=torch.zeros(1, 1, 1, 1), timestamps=stamps[:1])
+    regions = regions_for(query, SHORT, TaskConfig(short_horizon=2))
+    assert torch.allclose(knn.predict(query, SHORT, regions).flatten(), shapes[0][slot])   # nearest: user A
+    shifted = UserKNN(lambda e: e, k=1, slots_per_day=S, own_level=True).fit(train)
+    query = replace(query, x=torch.full((1, 1, T, 1, 1), 10.0))
+    pred = shifted.predict(query, SHORT, regions).flatten()
+    assert torch.allclose(pred - pred.mean(), shapes[0][slot] - shapes[0][slot].mean())   # A's shape ...
+    assert torch.allclose(pred[:6].mean(), torch.tensor(10.0))                           # ... at its own level
 
 
 def test_dit_controls_read_exactly_the_whole_available_region(make_batch):

@@ -118,7 +118,7 @@ def test_compare_runs_on_a_city_file_and_names_the_winner(nj_path, tmp_path):
     cfg, comparison = compare.parse(
         ["--config", str(Path(complete.__file__).parent / "configs" / "complete_nj.yaml"), *TINY,
          "--data_path", str(nj_path), "--engine_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "cmp"),
-         "--compare_entities", "6", "--patchtst_steps", "2", "--eval_tasks", "short", "long", "cold"])
+         "--compare_entities", "6", "--patch_transformer_steps", "2", "--eval_tasks", "short", "long", "cold"])
     report = compare.main(cfg, comparison)
     assert report["cold_split"] == "test"  # a city file has no cold users: the scored split
     assert set(report["tasks"]) == {"short", "long", "cold"}
@@ -139,7 +139,7 @@ def test_compare_scores_the_calibrated_engine(nj_path, tmp_path):
     run("train", tmp_path / "run", "--steps", "2", "--calibrate", "false", data_path=nj_path)
     argv = ["--config", str(Path(complete.__file__).parent / "configs" / "complete_nj.yaml"), *TINY,
             "--data_path", str(nj_path), "--engine_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "cmp"),
-            "--compare_entities", "6", "--patchtst_steps", "2", "--eval_tasks", "short", "--arima", "false"]
+            "--compare_entities", "6", "--patch_transformer_steps", "2", "--eval_tasks", "short", "--arima", "false"]
     raw = compare.main(*compare.parse(argv))["tasks"]["short"][compare.ENGINE]["rmse_norm"]
     model = load_model(tmp_path / "run" / CHECKPOINT)
     calibration = {**model.calibration(), "residual_weight": (model.residual_weight * 0).tolist()}

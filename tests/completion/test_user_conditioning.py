@@ -108,3 +108,30 @@ def test_the_reference_lets_new_users_through_and_checks_the_width(tmp_path):
         check_entity_reference(path, np.array([3]), np.array([[1.0, 2.5]], np.float32), "x")
     with pytest.raises(ValueError, match="3-d user embeddings, but .* 2-d"):
         check_entity_reference(path, np.array([3]), np.zeros((1, 3), np.float32), "x")
+
+
+def test_h_u_reaches_u_mask_budget_and_neighbours_and_the_no_entity_control_has_no_path(make_batch):
+    data, _ = users_batch(make_batch)
+    model, _, _ = train(MODEL, data, TASKS, TrainConfig(steps=20, batch_size=8, lr=3e-3), progress=False)
+    user = model.umask.user
+    assert user.weight.shape == (16, model.dit.entity_embedder.mlp[-1].out_features)
+    assert user.weight.abs().max() > 0                              # zero at the start, moved by L_rec
+    model.eval()
+    task, regions = task_regions(data, "cold", TASKS)
+    x0 = data.x - model.offset(data.x, regions)
+
+    def mask(batch):
+        return model.evidence_mask(x0, batch, regions, task, None, None)[1]
+
+    permuted = replace(data, entity=data.entity[torch.tensor([7, 6, 5, 4, 3, 2, 1, 0])])
+    a, b = mask(data), mask(permuted)
+    assert not torch.allclose(a.Z, b.Z) and not torch.allclose(a.A, b.A)      # Z -> groups A -> s_b, H(A) (Eq. 9-12)
+    assert not torch.allclose(a.p, b.p)                                           # and the placement scores (Eq. 15)
+    # the gradients of U-MASK's scores and budget reach the head through U-MASK alone (no DiT in this graph)
+    model.train().zero_grad()
+    out = model.umask(x0, regions.available, regions.visible, data.cells, task, None, model.user_embedding(data))
+    ((out.p ** 2).sum() + out.rho.sum()).backward()
+    assert user.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.dit.entity_embedder.mlp.parameters())
+    none = build_model(replace(MODEL, entity_conditioning=False))
+    assert none.umask.user is None and none.user_embedding(data) is None
