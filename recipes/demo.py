@@ -26,6 +26,7 @@ from pathlib import Path
 
 from scope.cli import parse_config
 from scope.io import write_json
+from scope.profiles.llms import native_bf16_cpu
 from scope.run.floors import floor_violations
 from scope.run.pipeline import PipelineError, Stage, run_pipeline
 from scope.run.stages import STAGES, stage_folder, stage_output
@@ -56,6 +57,10 @@ class DemoArguments:
     teacher: str = "grounded"         # grounded | local | endpoint
     teacher_model: str = ""           # local: registry name or path; endpoint: the served model's name
     teacher_base_url: str = ""        # endpoint: an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1
+    # the LM stages' arithmetic: bfloat16 = bf16 autocast in training (sft, dpo, synthesis) and bf16 weights with fp32
+    # attention in generation (scope.profiles.llms.generation_model); auto = bfloat16 on a CPU with native bf16
+    # (AVX512-BF16 / AMX), float32 elsewhere (emulated bf16 is slower than float32)
+    precision: str = "auto"           # auto | float32 | bfloat16
     # one YAML per stage (paths relative to the repository root)
     cohort_config: str = "recipes/configs/cohort.yaml"
     tensorize_config: str = "recipes/configs/tensorize.yaml"
@@ -95,6 +100,10 @@ def stages(args: DemoArguments, python: str = sys.executable) -> list[Stage]:
     env["TQDM_MININTERVAL"] = "10"  # progress bars: a line every 10 s in the logs, not every step
     env.update(GLIBC_MALLOC)
 
+    bf16 = resolve_precision(args.precision) == "bfloat16"
+    train_precision = ["--bf16", str(bf16).lower()]
+    inference_precision = ["--inference_dtype", "bfloat16" if bf16 else "float32"]
+
     def recipe(name: str, *argv) -> list[str]:
         return [python, f"recipes/{name}.py", *map(str, argv)]
 
@@ -130,26 +139,28 @@ def stages(args: DemoArguments, python: str = sys.executable) -> list[Stage]:
               needs=["cohort", "tensors"], outputs=[stage_output(run, "summary")],
               description="cohort summary and figures"),
         Stage("sft", [recipe("sft", "--config", args.sft_config, *profile_data, "--output_dir", d["sft"],
-                             *opt("--threads"))], d["sft"], configs=[args.sft_config], inputs=[cohort],
+                             *train_precision, *opt("--threads"))], d["sft"], configs=[args.sft_config], inputs=[cohort],
               needs=["cohort"], outputs=[stage_output(run, "sft")],
               description="teacher profiles + SFT (CoT distillation) of the LoRA student"),
         Stage("dpo", [recipe("dpo", "--config", args.dpo_config, *profile_data, "--sft_adapter", d["sft"],
-                             "--output_dir", d["dpo"], *opt("--threads"))], d["dpo"], configs=[args.dpo_config],
+                             "--output_dir", d["dpo"], *train_precision, *inference_precision, *opt("--threads"))],
+              d["dpo"], configs=[args.dpo_config],
               inputs=[cohort, d["sft"]], needs=["sft"], outputs=[stage_output(run, "dpo")],
               description="DPO (Eq. 27) on top of the SFT student"),
         Stage("evaluate", [recipe("evaluate", "--config", args.evaluate_config, *profile_data, "--output_dir",
                                   d["evaluate"], "--sft_adapter", d["sft"], "--dpo_adapter", d["dpo"],
-                                  *opt("--threads"))], d["evaluate"], configs=[args.evaluate_config],
+                                  *inference_precision, *opt("--threads"))], d["evaluate"], configs=[args.evaluate_config],
               inputs=[cohort, d["sft"], d["dpo"]], needs=["sft", "dpo"],
               outputs=[stage_output(run, "evaluate")],
               description="student evaluation: after SFT / after DPO, unconstrained and constrained"),
         Stage("novelty", [recipe("novelty", "--config", args.novelty_config, *profile_data, "--output_dir",
                                  d["novelty"], "--sft_adapter", d["sft"], "--dpo_adapter", d["dpo"],
-                                 *opt("--threads"))], d["novelty"], configs=[args.novelty_config],
+                                 *inference_precision, *opt("--threads"))], d["novelty"], configs=[args.novelty_config],
               inputs=[cohort, d["sft"], d["dpo"]], needs=["sft", "dpo"], outputs=[stage_output(run, "novelty")],
               description="cold-start / novelty recommendation: the student against popularity, kNN and the teacher"),
         Stage("synthesis", [recipe("synthesize", cmd, "--config", args.synthesize_config, "--cohort_dir", cohort,
-                                   "--output_dir", d["synthesis"], "--teacher_cache_dir", cache, *teacher, *lenient) for cmd in ("train", "generate", "report")],
+                                   "--output_dir", d["synthesis"], "--teacher_cache_dir", cache, *teacher, *lenient,
+                                   *train_precision, *inference_precision) for cmd in ("train", "generate", "report")],
               d["synthesis"], configs=[args.synthesize_config], inputs=[cohort], needs=["cohort"],
               outputs=[stage_output(run, "synthesis")],
               description="semantic-augmented synthetic cohort + fidelity report"),
@@ -185,6 +196,18 @@ def stages(args: DemoArguments, python: str = sys.executable) -> list[Stage]:
         if args.jobs > 1 and stage.name not in CRITICAL_PATH:
             stage.nice = 10   # runs on the cores the critical path leaves idle
     return out
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> bfloat16 on a CPU with native bf16, else float32; the others as given."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bfloat16" if native_bf16_cpu() else "float32"
+    return precision
 
 
 def write_timings(path: Path, results, args: DemoArguments, started: datetime, wall_s: float) -> None:

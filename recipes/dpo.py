@@ -25,7 +25,7 @@ from scope.cli import parse_config, run_recipe, use_threads
 from scope.profiles.corpus import ProfileDataArguments, build_corpus
 from scope.profiles.dpo import preference_dataset, recommendation_pairs
 from scope.profiles.evaluation import generate, generate_answers, held_out_metrics
-from scope.profiles.llms import LOADER_KEYS, LORA_KEYS, load_model_tokenizer, load_student
+from scope.profiles.llms import LOADER_KEYS, LORA_KEYS, generation_model, load_model_tokenizer, load_student
 from scope.profiles.novelty import NoveltyTask
 from scope.profiles.prompts import PromptBuilder
 from scope.profiles.sft import set_stop_token, train_and_save, write_model_card
@@ -46,6 +46,7 @@ class DPOScriptArguments(ProfileDataArguments):
     student_temperature: float = 1.0              # ... training cases of the novelty task (on-policy negatives)
     student_samples: int = 1                      # answers sampled per case: pairs rank them (scope.profiles.dpo)
     generation_batch_size: int = 8
+    inference_dtype: str = "float32"              # float32 | bfloat16: weights in bf16, attention in fp32 (scope.profiles.llms.generation_model)
     max_grounding: float = 0.67                   # a student sample below this grounding@3 is a negative
     eval_pairs: int = 4                           # held-out (val) pairs scored after training; 0 = skip
     eval_users: int = 2
@@ -78,11 +79,12 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
     corpus = build_corpus(script_args, report_dir=out)
     tokenizer, model = build_student(script_args, training_args, model_args)
     set_stop_token(model, tokenizer)
+    sampler = generation_model(model, script_args.inference_dtype, copy_weights=True)   # the policy trains on in fp32
 
     student_answers = None
     if "student" in script_args.negatives and script_args.student_negative_users > 0:
         users = corpus.profiled(*script_args.train_splits)[: script_args.student_negative_users]
-        answers = generate_answers(model, tokenizer, [corpus.prompts[u] for u in users],
+        answers = generate_answers(sampler, tokenizer, [corpus.prompts[u] for u in users],
                                    max_new_tokens=script_args.student_max_new_tokens)
         student_answers = dict(zip(users, answers))
     recommendation_rows = []
@@ -92,12 +94,13 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
         picked = sorted(rng.permutation(len(task.train_cases))[: script_args.student_negative_cases])
         cases = [task.train_cases[i] for i in picked]
         n = script_args.student_samples
-        samples = generate(model, tokenizer, task.prompts(builder, cases), max_new_tokens=script_args.recommend_max_new_tokens,
+        samples = generate(sampler, tokenizer, task.prompts(builder, cases), max_new_tokens=script_args.recommend_max_new_tokens,
                            batch_size=script_args.generation_batch_size, temperature=script_args.student_temperature,
                            seed=training_args.seed, samples=n)
         answers = {c.key: [g.text for g in samples[i * n:(i + 1) * n]] for i, c in enumerate(cases)}
         recommendation_rows = recommendation_pairs(task, builder, answers)
         log.info("on-policy recommendation pairs: %d of %d cases (%d samples each)", len(recommendation_rows), len(cases), n)
+    del sampler
     train = preference_dataset(corpus, script_args.train_splits, [k for k in script_args.negatives if k != "student_recommendation"],
                                student_answers=student_answers, max_grounding=script_args.max_grounding,
                                seed=training_args.seed, recommendation_rows=recommendation_rows)

@@ -26,7 +26,7 @@ from scope.io import write_json, write_text
 from scope.profiles.corpus import build_corpus
 from scope.profiles.evaluation import (HeldOutArguments, changed_share, evaluation_table, generate, paired_difference,
                                        previous_pass, score_answer, stage_adapters, summarize_with_ci)
-from scope.profiles.llms import load_student, load_tokenizer
+from scope.profiles.llms import generation_model, load_student, load_tokenizer
 from scope.profiles.schema import generation_schema
 from scope.profiles.sft import set_stop_token
 
@@ -68,11 +68,13 @@ def main(args: EvaluateArguments) -> dict:
                 continue
             path = out / f"answers_{stage.replace(' ', '_').lower()}_{decoding}.jsonl"
             fingerprint = {"users": users, "adapters": stage_adapter_list, "model": args.model_name_or_path,
-                           "max_new_tokens": args.max_new_tokens, "schema": schema if decoding == "constrained" else None}
+                           "max_new_tokens": args.max_new_tokens,
+                           "inference_dtype": args.inference_dtype, "schema": schema if decoding == "constrained" else None}
             done = previous_pass(path, fingerprint)
             if done is None:
                 if model is None:
-                    model = load_student(args.model_name_or_path, stage_adapter_list)
+                    model = generation_model(load_student(args.model_name_or_path, stage_adapter_list),
+                                             args.inference_dtype)
                     set_stop_token(model, tokenizer)
                 start = time.perf_counter()
                 generations = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,

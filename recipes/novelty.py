@@ -25,7 +25,7 @@ from scope.cli import parse_config, run_recipe, use_threads
 from scope.io import write_json, write_text
 from scope.profiles.corpus import build_corpus
 from scope.profiles.evaluation import HeldOutArguments, changed_share, generate, previous_pass, stage_adapters
-from scope.profiles.llms import EMBEDDER, load_embedder, load_student, load_tokenizer
+from scope.profiles.llms import EMBEDDER, generation_model, load_embedder, load_student, load_tokenizer
 from scope.profiles.novelty import (CI_METHOD, ITEM_TYPES, NoveltyTask, novelty_summary, paired_difference,
                                     recommendation_schema, score_answer)
 from scope.profiles.prompts import PromptBuilder
@@ -76,10 +76,11 @@ def main(args: NoveltyArguments) -> dict:
     for stage, stage_adapter_list in adapters.items():
         path = out / f"answers_{stage.replace(' ', '_').lower()}.jsonl"
         fingerprint = {"cases": [c.key for c in task.cases], "adapters": stage_adapter_list,
-                       "model": args.model_name_or_path, "max_new_tokens": args.recommend_max_new_tokens, "schema": schema}
+                       "model": args.model_name_or_path, "max_new_tokens": args.recommend_max_new_tokens, "schema": schema,
+                       "inference_dtype": args.inference_dtype}
         done = previous_pass(path, fingerprint)
         if done is None:
-            model = load_student(args.model_name_or_path, stage_adapter_list)
+            model = generation_model(load_student(args.model_name_or_path, stage_adapter_list), args.inference_dtype)
             set_stop_token(model, tokenizer)
             start = time.perf_counter()
             generations = generate(model, tokenizer, prompts, max_new_tokens=args.recommend_max_new_tokens,

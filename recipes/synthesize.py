@@ -31,8 +31,8 @@ from scope.cli import parse_config, run_recipe
 from scope.data.tsinghua import load_cohort
 from scope.io import write_json
 from scope.profiles.corpus import build_corpus
-from scope.profiles.llms import (LOADER_KEYS, LORA_KEYS, load_model, load_model_tokenizer, load_student,
-                                 load_tokenizer)
+from scope.profiles.llms import (LOADER_KEYS, LORA_KEYS, generation_model, load_model, load_model_tokenizer,
+                                 load_student, load_tokenizer)
 from scope.profiles.sft import train_and_save, write_model_card
 from scope.synthesis.fidelity import fidelity_report, pearson_difference
 from scope.synthesis.generation import (GRAMMAR_FILE, TRAIN_TRACES_FILE, RecordPools, SynthesisArguments,
@@ -133,7 +133,7 @@ def generate(script_args: SynthesisArguments, training_args: SFTConfig, model_ar
         raise ValueError(f"the trace LM in {model_dir} was trained on other app categories / location clusters than "
                          f"the cohort {corpus.cohort.directory}")
     tokenizer = load_tokenizer(str(model_dir))
-    model = trained_trace_lm(model_args, training_args, model_dir)
+    model = generation_model(trained_trace_lm(model_args, training_args, model_dir), script_args.inference_dtype)
     tokens = GrammarTokens(grammar, tokenizer)
     requests = plan_requests(corpus, script_args, grammar)
     stats = generate_shards(model, tokens, requests, corpus.clusters.names, cohort_dir / "shards",

@@ -279,3 +279,26 @@ def test_the_demo_teacher_reaches_every_profiling_stage_and_jobs_set_priorities(
     assert all(int(s.env["MALLOC_MMAP_THRESHOLD_"]) == 32 << 20 for s in by_name.values())   # glibc reads it at start
     sequential = stages(parse(["--config", "recipes/configs/demo.yaml", "--jobs", "1"]))
     assert all(s.nice == 0 and "OMP_WAIT_POLICY" not in s.env for s in sequential)
+
+
+def test_the_demo_precision_reaches_the_lm_stages(monkeypatch):
+    import recipes.demo as demo
+
+    def lines(precision):
+        by_name = {s.name: s for s in demo.stages(demo.parse(["--config", "recipes/configs/demo.yaml", "--precision",
+                                                              precision]))}
+        return {name: [" ".join(c) for c in by_name[name].commands] for name in by_name}
+
+    bf16 = lines("bfloat16")
+    for name in ("sft", "dpo", "synthesis"):
+        assert all("--bf16 true" in line for line in bf16[name]), name
+    for name in ("dpo", "evaluate", "novelty", "synthesis"):
+        assert all("--inference_dtype bfloat16" in line for line in bf16[name]), name
+    fp32 = lines("float32")
+    assert all("--bf16 false" in line for line in fp32["sft"]) and "--inference_dtype float32" in fp32["evaluate"][0]
+    monkeypatch.setattr(demo, "native_bf16_cpu", lambda: False)
+    assert lines("auto") == fp32                                     # no native bf16: emulated bf16 is slower
+    monkeypatch.setattr(demo, "native_bf16_cpu", lambda: True)
+    assert lines("auto") == bf16
+    with pytest.raises(ValueError, match="precision must be one of"):
+        demo.resolve_precision("half")

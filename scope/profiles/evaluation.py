@@ -48,7 +48,7 @@ def shared_prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Te
     the last token of each copy, so n samples of one prompt cost one prefill, not n."""
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)   # as generate numbers them
     cache = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
-                  use_cache=True).past_key_values
+                  use_cache=True, logits_to_keep=1).past_key_values   # the LM head on one position, not all
     cache.batch_repeat_interleave(repeats)
     return cache
 
@@ -231,6 +231,7 @@ class HeldOutArguments(ProfileDataArguments):
     max_users: int = 8
     batch_size: int = 8
     stages: list[str] = field(default_factory=lambda: list(STUDENT_STAGES))
+    inference_dtype: str = "float32"  # float32 | bfloat16: weights in bf16, attention in fp32 (scope.profiles.llms.generation_model)
     threads: int = 0
 
 

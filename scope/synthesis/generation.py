@@ -108,6 +108,7 @@ class SynthesisArguments(ProfileDataArguments):
     days_per_user: int = 0                     # days per synthetic user from the cohort's first (0 = as many as the cohort)
     within_slot: str = "mixture"               # write-back of a line's records: mixture (user's co-usage) | dominant
     generation_batch_size: int = 8
+    inference_dtype: str = "float32"          # float32 | bfloat16: weights in bf16, attention in fp32 (scope.profiles.llms.generation_model)
     shard_users: int = 5                       # users per shard (the unit of resumption)
     temperature: float = 1.0
     history_weight: float = 1.0                # p ~ p_LM * p_history ** w over slots, categories, clusters (0 = LM only)
