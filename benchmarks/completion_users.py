@@ -334,6 +334,23 @@ def main() -> None:
                                                 d["val"], args.n_samples, args.sampler_steps,
                                                 mask_lr_scale=args.mask_lr_scale))
 
+    # the conditions, 3 seeds each (first: the cells that matter most when a run is cut short)
+    cond_cells = {c: [] for c in CONDITIONS}
+    engines = []
+    for seed in range(args.seeds):
+        for condition in ("h_u", "none", "shuffled", "oracle_stats"):
+            model, stats = engine(condition, seed)
+            if condition == "h_u":
+                engines.append(model)
+            test_batches = {t: inputs[condition]["test"] for t in TASKS}
+            cond_cells[condition].append(cells.get(f"{condition}_seed{seed}", lambda: point_cell(
+                model, test_batches, users["test"], task_config) | {"train": stats}))
+        mean_batches = {t: inputs["mean"]["test"] for t in TASKS}
+        cond_cells["mean"].append(cells.get(f"mean_seed{seed}", lambda: point_cell(engines[-1], mean_batches,
+                                                                                   users["test"], task_config)))
+        log(f"seed {seed}: " + ", ".join(f"{c} {[round(cond_cells[c][-1][t]['rmse'], 4) for t in TASKS]}"
+                                          for c in CONDITIONS))
+
     # baselines
     def simple_baselines():
         methods, chosen_seed = fit_baselines(train_b, val, task_config, TASKS, spd, 1, 4, 0, arima=not args.quick)
@@ -367,23 +384,6 @@ def main() -> None:
     runs = [cells.get(f"patchtst_transformers_seed{s}", lambda s=s: patchtst(s)) for s in range(args.seeds)]
     table["patchtst_transformers"] = summarise([r["rows"] for r in runs])
     chosen["patchtst_patch_length"] = [r["patch_length"] for r in runs]
-
-    # the conditions, 3 seeds each
-    cond_cells = {c: [] for c in CONDITIONS}
-    engines = []
-    for seed in range(args.seeds):
-        for condition in ("h_u", "none", "shuffled", "oracle_stats"):
-            model, stats = engine(condition, seed)
-            if condition == "h_u":
-                engines.append(model)
-            test_batches = {t: inputs[condition]["test"] for t in TASKS}
-            cond_cells[condition].append(cells.get(f"{condition}_seed{seed}", lambda: point_cell(
-                model, test_batches, users["test"], task_config) | {"train": stats}))
-        mean_batches = {t: inputs["mean"]["test"] for t in TASKS}
-        cond_cells["mean"].append(cells.get(f"mean_seed{seed}", lambda: point_cell(engines[-1], mean_batches,
-                                                                                   users["test"], task_config)))
-        log(f"seed {seed}: " + ", ".join(f"{c} {[round(cond_cells[c][-1][t]['rmse'], 4) for t in TASKS]}"
-                                          for c in CONDITIONS))
 
     # the engine with calibrated samples (coverage, CRPS), the h_u kNN baseline and the probe, per seed
     engine_runs, knn_runs, probes = [], [], []
