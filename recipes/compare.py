@@ -196,7 +196,7 @@ def main(cfg: Configs, compare: CompareArguments) -> dict:
             differences[task_name] = {name: rmse_difference(errors[ENGINE], e, d.user_id)
                                       for name, e in errors.items() if not name.startswith(("engine", "DiT"))}
     summary = headline(table)
-    report = {"headline": summary, "at_a_glance_note": benchmark_notes(cold_split, {s: len(d.batch) for s, d in data.items()}), "split": args.split, "cold_split": cold_split,
+    report = {"headline": summary, "split": args.split, "cold_split": cold_split,
               "calibration": str(calibration) if calibration.exists() else None,
               "entities": {s: len(d.batch) for s, d in data.items()}, "tasks": table, "skipped": skipped,
               "engine_minus_baseline": differences,
@@ -213,28 +213,6 @@ def main(cfg: Configs, compare: CompareArguments) -> dict:
     print(summary)
     print(markdown(table))
     return report
-
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "completion_users.json"
-
-
-def benchmark_notes(cold_split: str, entities: dict[str, int], path: Path = BENCHMARK) -> dict[str, str]:
-    """The report's note beside each completion row: what the demo's size is, and the per-user benchmark's figure
-    (benchmarks/completion_users.py, 500 users x 2 weeks, 3 seeds) where its results file exists."""
-    figures = json.loads(path.read_text()) if path.exists() else {}
-    notes = {}
-    for task in ("short", "long", "cold"):
-        note = f"Demo: {entities.get(cold_split if task == 'cold' else 'test', 0)} windows, one engine seed."
-        if f"engine_vs_best_baseline_{task}" in figures:
-            note += (f" Benchmark (per-user tensors, 3 seeds): engine {100 * figures[f'engine_vs_best_baseline_{task}']:+.1f}% "
-                     f"RMSE gain over its best baseline ({figures[f'best_baseline_{task}']}), "
-                     "benchmarks/README.md#completion-on-per-user-tensors-simulated-cohort-500-users-x-2-weeks.")
-        if task == "cold" and cold_split == "cold":
-            note += (" The demo's cold users are those with the fewest events (tensorize's cold_start_max_events): "
-                     "almost all zeros, where carrying 4 revealed entries is hard to beat; the benchmark's cold task "
-                     "reveals 4 entries of ordinary unseen users.")
-        notes[f"completion: {task}"] = note
-    return notes
 
 
 def parse(argv: list[str]) -> tuple[Configs, CompareArguments]:

@@ -298,3 +298,21 @@ def test_report_embeds_only_configs_inside_the_repository_or_the_run(run, tmp_pa
     assert "hunter2-outside" not in page and "sft: hostname" not in page
     for path in ("/etc/hostname", str(secret), str(run / "sft" / "link.yaml")):
         assert f"configuration {path} was not embedded: it is outside both the repository and the run folder" in page
+
+
+def test_glance_notes_give_each_benchmarks_figure_beside_the_demos(tmp_path):
+    import json
+
+    from scope.run.report import BENCHMARK_RESULTS, benchmark_notes
+
+    (tmp_path / "completion_users.json").write_text(json.dumps(
+        {"engine_vs_best_baseline_short": -0.0122, "best_baseline_short": "hu_knn",
+         "engine_vs_best_baseline_cold": 0.0423, "best_baseline_cold": "masked_patch_transformer"}))
+    notes = benchmark_notes(tmp_path)
+    assert "-1.2% RMSE gain over its best baseline (hu_knn)" in notes["completion: short"]
+    assert "+4.2%" in notes["completion: cold"] and "fewest events" in notes["completion: cold"]
+    assert "completion: long" not in notes and "PITuning" not in notes                 # no figure, no claim
+    assert "fewest events" not in benchmark_notes(tmp_path, cold_split="test").get("completion: cold", "")
+    shipped = benchmark_notes(BENCHMARK_RESULTS)                                        # the repository's results
+    assert {"DPO", "novelty recommendation", "PITuning", "completion: cold"} <= set(shipped)
+    assert "cases)" in shipped["DPO"] and "LightGBM pooled" in shipped["PITuning"]

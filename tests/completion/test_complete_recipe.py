@@ -149,18 +149,3 @@ def test_compare_scores_the_calibrated_engine(nj_path, tmp_path):
     assert report["calibration"] == str(path)
     assert report["tasks"]["short"][compare.ENGINE]["rmse_norm"] != pytest.approx(raw, rel=1e-6)
 
-
-def test_compare_notes_give_the_benchmarks_figure_beside_the_demos(tmp_path):
-    import json
-
-    from recipes.compare import benchmark_notes
-
-    path = tmp_path / "completion_users.json"
-    path.write_text(json.dumps({"engine_vs_best_baseline_short": -0.0122, "best_baseline_short": "hu_knn",
-                                "engine_vs_best_baseline_cold": 0.0423, "best_baseline_cold": "masked_patch_transformer"}))
-    notes = benchmark_notes("cold", {"test": 12, "cold": 7}, path)
-    assert notes["completion: short"].startswith("Demo: 12 windows")
-    assert "-1.2% RMSE gain over its best baseline (hu_knn)" in notes["completion: short"]
-    assert "+4.2%" in notes["completion: cold"] and "fewest events" in notes["completion: cold"]
-    assert "Benchmark" not in notes["completion: long"]                                   # no figure, no claim
-    assert "Benchmark" not in benchmark_notes("test", {"test": 3}, tmp_path / "absent.json")["completion: short"]
