@@ -28,9 +28,11 @@ Baselines: persistence, HA, ARIMA, the hand-written masked patch transformer, tr
 `PatchTSTForPrediction` (per forecasting task, patch length chosen on val) and `hu_knn` (the training
 users nearest by the seed's h_u, k and level chosen on val).
 
-Every (method or condition, seed) is a cell cached under `<work_dir>/cells/` (JSON; trained models
-under `<work_dir>/models/`): a rerun reuses them and prints which. Delete the folder after changing
-the code or the settings.
+Every (method or condition, seed) is a cell cached under `<cache_dir>/cells/` (JSON; trained models
+under `<cache_dir>/models/`; default `benchmarks/results/cache/completion_users/`, kept in the
+repository): a rerun, in this session or a later one, reuses them and prints which. The data in
+`<work_dir>` is rebuilt the same from the seeds. Delete the cache after changing the code or the
+settings.
 
 Keys of the last line (also `benchmarks/results/<name>.json`): `conditioning.{none,mean,shuffled,h_u,
 oracle_stats}.{short,long,cold}.{rmse,std}`, `h_u_vs_none_gain_cold` and `h_u_vs_shuffled_gain_cold`
@@ -287,6 +289,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=500)
     parser.add_argument("--cohort_seed", type=int, default=0)
     parser.add_argument("--work_dir", type=Path, default=ROOT / "runs" / "bench" / "completion_users")
+    parser.add_argument("--cache_dir", type=Path, default=RESULTS / "cache" / "completion_users",
+                        help="the cells (JSON) and trained models, kept with the repository so a later run resumes")
     parser.add_argument("--revealed", type=int, nargs="+", default=[0, 4, 16, 64, 256])
     add_arguments(parser, steps=1200, batch_size=16, patchtst_steps=300, name="completion_users")
     args = parser.parse_args()
@@ -294,9 +298,10 @@ def main() -> None:
         args.users, args.steps, args.seeds, args.patchtst_steps = 40, 20, 1, 10
         args.n_samples, args.sampler_steps, args.name = 2, 3, f"{args.name}_quick"
         args.work_dir = args.work_dir.with_name(args.work_dir.name + "_quick")
+        args.cache_dir = args.cache_dir.with_name(args.cache_dir.name + "_quick")
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
-    cells, models_dir = Cells(args.work_dir / "cells"), args.work_dir / "models"
+    cells, models_dir = Cells(args.cache_dir / "cells"), args.cache_dir / "models"
     data = prepare(args, args.work_dir)
     train_b, val, test = (data["batches"][s] for s in ("train", "val", "test"))
     users = data["users"]
