@@ -114,9 +114,7 @@ def user_statistics(batch: Batch, users: np.ndarray, slots_per_day: int) -> tupl
     owner = torch.from_numpy(owner)
     obs = batch.observed.float()[:, None]  # [B, 1, T, H, W]
     quarter = (batch.timestamps[..., 1] * 4 // slots_per_day).long()  # [B, T]
-    parts = []
-    for w, dims in ((obs, (2, 3, 4)),):   # channel means
-        parts.append(((batch.x * w).sum(dims), w.expand_as(batch.x).sum(dims)))
+    parts = [((batch.x * obs).sum((2, 3, 4)), obs.expand_as(batch.x).sum((2, 3, 4)))]   # channel means
     for q in range(4):
         w = obs * (quarter == q).float()[:, None, :, None, None]
         parts.append(((batch.x * w).sum((2, 3, 4)), w.expand_as(batch.x).sum((2, 3, 4))))

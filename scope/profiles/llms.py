@@ -439,13 +439,12 @@ def generation_model(model, dtype: str = "float32", copy_weights: bool = False):
     bits = quantized_bits(model)
     if bits:
         raise ValueError(f"inference_dtype bfloat16 is for unquantized models; this one is {bits}-bit")
-    attention = [m for m in model.modules() if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj"))]
-    if not attention:
+    if not any(all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")) for m in model.modules()):
         raise ValueError(f"inference_dtype bfloat16 keeps attention in float32 through the q_proj / k_proj / v_proj / "
                          f"o_proj modules, which {type(model).__name__} does not have; use float32")
     if copy_weights:
         model = copy.deepcopy(model)
-        attention = [m for m in model.modules() if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj"))]
+    attention = [m for m in model.modules() if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj"))]
     model.to(torch.bfloat16)
     for module in attention:
         for projection in (module.q_proj, module.k_proj, module.v_proj):
