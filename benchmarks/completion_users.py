@@ -45,7 +45,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +61,7 @@ from completion.evaluate import choose_prior, complete_chunked, evaluate, spread
 from completion.model import ModelConfig, build_model
 from completion.tasks import TaskConfig
 from completion.tensors import BehaviourTensors
-from completion.users import load_embeddings, user_batch
+from completion.users import load_embeddings, probe_r2, user_batch, user_statistics
 from scope.io import atomic_path, save_figure, write_json
 from scope.metrics import bootstrap_weights
 
@@ -71,12 +71,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class Cells:
-    """A JSON result per cell under `folder`, computed once: a rerun reads it back."""
+    """A JSON result per cell under `folder`, computed once: a rerun reads it back. The cells belong to
+    one set of `settings` (kept in `folder/settings.json`); other settings are refused, not mixed in."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, settings: dict):
         self.folder = folder
         self.reused: list[str] = []
         folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "settings.json"
+        settings = json.loads(json.dumps(settings))
+        if path.exists() and json.loads(path.read_text()) != settings:
+            old = json.loads(path.read_text())
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise SystemExit(f"{path}: the cached cells were computed with other settings ({', '.join(changed)}); "
+                             "delete that cache or pass another --cache_dir")
+        write_json(path, settings)
 
     def get(self, name: str, compute):
         path = self.folder / f"{name}.json"
@@ -89,42 +98,24 @@ class Cells:
 
 
 def cached_model(folder: Path, name: str, config: ModelConfig, fit) -> tuple:
-    """A trained model (and its training stats) from `folder/<name>.pt`, else `fit()` and save it."""
+    """A trained model (and its training stats) from `folder/<name>.pt` when it was saved with the same
+    model config, else `fit()` and save it."""
     path = folder / f"{name}.pt"
     if path.exists():
         saved = torch.load(path, weights_only=False)
-        model = build_model(config)
-        model.load_state_dict(saved["state"])
-        return model.eval(), saved["stats"]
+        if saved.get("config") == asdict(config):
+            model = build_model(config)
+            model.load_state_dict(saved["state"])
+            return model.eval(), saved["stats"]
+        log(f"{path.name}: saved with another model config; training afresh")
     model, stats = fit()
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        torch.save({"state": model.state_dict(), "stats": stats}, tmp)
+        torch.save({"state": model.state_dict(), "stats": stats, "config": asdict(config)}, tmp)
     return model, stats
 
 
 # -- data ---------------------------------------------------------------------------------------
-
-def user_statistics(batch: Batch, users: np.ndarray, slots_per_day: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per user, over its windows' observed entries (normalised units): the mean of every channel
-    (the `main` statistics), of every channel in each quarter of the day, and of every cell (all
-    channels) -> (user ids, [N, C + 4C + HW], C)."""
-    _, C, T, H, W = batch.x.shape
-    ids, owner = np.unique(users, return_inverse=True)
-    owner = torch.from_numpy(owner)
-    obs = batch.observed.float()[:, None]  # [B, 1, T, H, W]
-    quarter = (batch.timestamps[..., 1] * 4 // slots_per_day).long()  # [B, T]
-    parts = [((batch.x * obs).sum((2, 3, 4)), obs.expand_as(batch.x).sum((2, 3, 4)))]   # channel means
-    for q in range(4):
-        w = obs * (quarter == q).float()[:, None, :, None, None]
-        parts.append(((batch.x * w).sum((2, 3, 4)), w.expand_as(batch.x).sum((2, 3, 4))))
-    parts.append(((batch.x * obs).sum((1, 2)).flatten(1), obs.expand_as(batch.x).sum((1, 2)).flatten(1)))
-    sums = torch.cat([p[0] for p in parts], 1)
-    counts = torch.cat([p[1] for p in parts], 1)
-    user_sums = torch.zeros(len(ids), sums.shape[1]).index_add_(0, owner, sums)
-    user_counts = torch.zeros(len(ids), sums.shape[1]).index_add_(0, owner, counts)
-    return ids, (user_sums / user_counts.clamp(min=1)).numpy(), C
-
 
 def with_entity(batch: Batch, users: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> Batch:
     """`batch` with each window's entity vector = `rows` of its user (by `ids`)."""
@@ -212,26 +203,6 @@ def bootstrap_gain(a: list[dict], b: list[dict], task: str, n_boot: int = 2000) 
             "users": len(weights[0])}
 
 
-def probe(features: dict[str, np.ndarray], targets: np.ndarray, train: np.ndarray, test: np.ndarray,
-          main: int) -> dict:
-    """Held-out R^2 of a ridge probe (alpha by CV on the train users) from each feature matrix to the
-    week-2 statistics: `main` (the first `main` columns: channel means) and `all`, uniform over columns."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.metrics import r2_score
-    from sklearn.preprocessing import StandardScaler
-
-    out = {}
-    keep = targets[train].std(0) > 1e-8
-    for name, X in features.items():
-        scaler = StandardScaler().fit(X[train])
-        ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(scaler.transform(X[train]), targets[train][:, keep])
-        pred = ridge.predict(scaler.transform(X[test]))
-        main_cols = keep[:main].sum()
-        out[name] = {"main": round(float(r2_score(targets[test][:, keep][:, :main_cols], pred[:, :main_cols])), 4),
-                     "all": round(float(r2_score(targets[test][:, keep], pred)), 4), "alpha": float(ridge.alpha_)}
-    return out
-
-
 def spread_diagnosis(model, val: Batch, task_config: TaskConfig, n_samples: int) -> dict:
     """Why the raw samples are narrow (val, the uncalibrated spread 1): per task and sampler, the factor
     the samples' deviations need for 90% coverage and the samples' standard deviation over the point
@@ -299,7 +270,6 @@ def main() -> None:
         args.cache_dir = args.cache_dir.with_name(args.cache_dir.name + "_quick")
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
-    cells, models_dir = Cells(args.cache_dir / "cells"), args.cache_dir / "models"
     data = prepare(args, args.work_dir)
     train_b, val, test = (data["batches"][s] for s in ("train", "val", "test"))
     users = data["users"]
@@ -311,6 +281,10 @@ def main() -> None:
     model_config = ModelConfig(channels=C, T=T, cell_dim=train_b.cells.shape[-1], entity_dim=train_b.entity.shape[-1],
                                preset=args.preset, patch_size=(8, 2, 2), prior_damping=damping,
                                prior_shrinkage=shrinkage, slots_per_day=spd, umask=dict(d=64, bank_size=512))
+    settings = {k: getattr(args, k) for k in ("users", "cohort_seed", "n_samples", "sampler_steps", "patchtst_steps",
+                                              "mask_lr_scale", "revealed", "levels", "fixed_kinds")}
+    cells = Cells(args.cache_dir / "cells", settings | {"model": asdict(model_config), "budget": asdict(budget)})
+    models_dir = args.cache_dir / "models"
     table, chosen = {}, {"prior_damping": damping, "prior_shrinkage": shrinkage, "prior_val_rmse": prior_val}
     log(f"prior damping {damping}, shrinkage {shrinkage}")
 
@@ -414,7 +388,7 @@ def main() -> None:
             with torch.no_grad():
                 h = embed(torch.from_numpy(enc)).numpy()
             train_rows = np.array([split_of[int(u)] == "train" for u in ids2])
-            return probe({"h_u": h, "sbert": enc}, week2, train_rows, ~train_rows, n_main)
+            return probe_r2({"h_u": h, "sbert": enc}, week2, train_rows, n_main)
         probes.append(cells.get(f"probe_seed{seed}", probe_cell))
     table["engine"] = summarise(engine_runs)
     table["hu_knn"] = summarise([r["rows"] for r in knn_runs])

@@ -1,6 +1,11 @@
-"""VP diffusion: schedule, X_0-prediction loss over targets, evidence-clamped reverse process.
+"""VP diffusion: schedule, X_0 loss over targets, evidence-clamped reverse process.
 
-The denoiser predicts X_0 directly. One reverse update (DDIM with stochasticity eta) serves both
+The sampler reads an X_0 estimate. A network can give it directly (`x0`) or through the
+v-parameterisation (`v`, Salimans & Ho 2022): X_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v, so the
+estimate follows x_t where the noise is small and the network's output where it is large
+(`x0_estimate`). With `x0`, a patch-token network fitted to Eq. 19 learns E[X_0 | evidence] and
+ignores x_t at every level, so all samples end on the same point: the spread then comes only from
+calibration. One reverse update (DDIM with stochasticity eta) serves both
 samplers: over all training steps with eta = 1 it is exactly ancestral DDPM sampling (the DDIM
 variance then equals the DDPM posterior variance beta~_t), and over a short sub-sequence with
 eta = 0 it is the deterministic few-step DDIM sampler.
@@ -41,6 +46,18 @@ class VPSchedule:
         if not 1 <= steps <= self.num_steps:
             raise ValueError(f"steps must be in [1, {self.num_steps}], got {steps}")
         return torch.linspace(self.num_steps - 1, 0, steps).round().long().unique().flip(0).tolist()
+
+
+PARAMETERIZATIONS = ("x0", "v")
+
+
+def x0_estimate(output: Tensor, x_t: Tensor, t: Tensor, schedule: VPSchedule, parameterization: str) -> Tensor:
+    """The X_0 estimate from the network's output at x_t, step t: the output itself (`x0`) or
+    sqrt(abar_t) x_t - sqrt(1 - abar_t) v with v = output (`v`)."""
+    if parameterization == "x0":
+        return output
+    a = schedule.abar(t, x_t)
+    return a.sqrt() * x_t - (1 - a).sqrt() * output
 
 
 def x0_loss(x0_hat: Tensor, x0: Tensor, target: Tensor) -> Tensor:

@@ -11,7 +11,8 @@ The model follows facebookresearch/DiT with three changes for completion:
   embedding and a learned map of time-of-day Fourier features when timestamps are given;
 - the condition is c = t_emb + e_u + e_tau: e_u an MLP of the entity vector (any [N, d_e] side
   information, e.g. the U-SCOPE embedding h_u or a POI profile), e_tau a learned task embedding.
-The output is the X_0 estimate (of the residual, with a prior; no learned variance).
+The output is the X_0 estimate or v (`completion.diffusion.x0_estimate`; of the residual, with a prior; no
+learned variance).
 
 The calendar is a weekday embedding plus time-of-day Fourier features, so one checkpoint reads
 15-, 30- or 60-minute steps. Presets: tiny / S / B / L (:data:`DIT_PRESETS`).

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from completion.batch import Batch
-from completion.diffusion import VPSchedule, sample_many, x0_loss
+from completion.diffusion import PARAMETERIZATIONS, VPSchedule, sample_many, x0_estimate, x0_loss
 from completion.dit import DiT, dit_from_preset
 from completion.masks import MaskOutput, UMask, UMaskConfig
 from completion.priors import (PRIORS, compute_prior, profile_at, resample_profile, shrunk_mean, slot_profile,
@@ -75,10 +75,14 @@ class Completion:
 class CompletionModel(nn.Module):
     def __init__(self, umask: UMask, dit: DiT, schedule: VPSchedule, center: bool = True,
                  prior: str = "carry", prior_damping: float = 0.97, prior_seasonal: bool = True,
-                 slots_per_day: int = 96, prior_gradient: bool = True, prior_shrinkage: float = 0.0):
+                 slots_per_day: int = 96, prior_gradient: bool = True, prior_shrinkage: float = 0.0,
+                 parameterization: str = "x0"):
         super().__init__()
         if prior not in PRIORS:
             raise ValueError(f"unknown prior {prior!r}; expected one of {PRIORS}")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}")
+        self.parameterization = parameterization
         self.umask, self.dit, self.schedule, self.center = umask, dit, schedule, center
         self.prior_kind, self.prior_damping, self.prior_seasonal = prior, prior_damping, prior_seasonal
         self.prior_shrinkage = prior_shrinkage
@@ -206,7 +210,11 @@ class CompletionModel(nn.Module):
             t = torch.randint(0, self.schedule.num_steps, (len(batch),), generator=generator, device=x0.device)
         noise = torch.randn(r0.shape, generator=generator, dtype=r0.dtype, device=r0.device)
         x_t = self.schedule.q_sample(r0, t, noise)
-        return x0_loss(self.dit(x_t, t, *cond), r0, regions.target), mask
+        return x0_loss(self.denoise(x_t, t, cond), r0, regions.target), mask
+
+    def denoise(self, x_t: Tensor, t: Tensor, cond: tuple) -> Tensor:
+        """The X_0 estimate of the standardised residual at x_t, step t (`completion.diffusion.x0_estimate`)."""
+        return x0_estimate(self.dit(x_t, t, *cond), x_t, t, self.schedule, self.parameterization)
 
     @torch.no_grad()
     def complete(self, batch: Batch, task: Tensor, regions: Regions, n_samples: int = 8,
@@ -224,7 +232,7 @@ class CompletionModel(nn.Module):
         cond = [_repeat(v, n_samples) for v in cond]
 
         def denoise(x_t: Tensor, t: Tensor) -> Tensor:
-            return self.dit(x_t, t, *cond)
+            return self.denoise(x_t, t, cond)
 
         first = torch.full((n_samples * len(batch),), self.schedule.num_steps - 1, device=x0.device)
         noise = torch.randn((n_samples, *r_obs.shape), generator=generator, dtype=r_obs.dtype, device=r_obs.device)
@@ -270,6 +278,7 @@ class ModelConfig:
     prior_seasonal: bool = True  # carry: run on the de-seasonalised series (train slot-of-day profile)
     prior_shrinkage: float = 0.0  # carry and centring: evidence means shrunk toward the train mean by k pseudo-entries
     prior_gradient: bool = True  # U-MASK gets L_rec's gradient through the prior (straight-through smoother)
+    parameterization: str = "x0"  # what the DiT outputs: x0 | v (X_0 follows x_t at low noise; being measured, issue 26)
     umask: UMaskConfig = field(default_factory=UMaskConfig)
 
     def __post_init__(self):
@@ -290,4 +299,5 @@ def build_model(config: ModelConfig) -> CompletionModel:
     return CompletionModel(umask, dit, VPSchedule(config.diffusion_steps), center=config.center,
                            prior=config.prior, prior_damping=config.prior_damping,
                            prior_seasonal=config.prior_seasonal, slots_per_day=config.slots_per_day,
-                           prior_gradient=config.prior_gradient, prior_shrinkage=config.prior_shrinkage)
+                           prior_gradient=config.prior_gradient, prior_shrinkage=config.prior_shrinkage,
+                           parameterization=config.parameterization)

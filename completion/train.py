@@ -325,6 +325,7 @@ def checkpoint_configs(path: str | Path, metadata: dict[str, str] | None = None
     if metadata is None:
         metadata = io.checkpoint_metadata(path)
     model = json.loads(metadata["model_config"])
+    model.setdefault("parameterization", "x0")  # checkpoints written before the field existed
     train = json.loads(metadata["train_config"]) if "train_config" in metadata else None
     task = json.loads(metadata["task_config"]) if "task_config" in metadata else None
     if train is not None:

@@ -137,3 +137,70 @@ def user_batch(tensors: BehaviourTensors, embeddings: Embeddings | None = None,
         timestamps=torch.from_numpy(arrays["timestamps"].astype(np.int64)),
     )
     return batch, arrays["user_id"]
+
+
+# -- what an embedding encodes ------------------------------------------------------------------
+
+def user_statistics(batch: Batch, users: np.ndarray, slots_per_day: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per user, over its windows' observed entries (normalised units): the mean of every channel
+    (the `main` statistics), of every channel in each quarter of the day, and of every cell (all
+    channels) -> (user ids, [N, C + 4C + HW], C). A statistic the user never observed is NaN."""
+    _, C, T, H, W = batch.x.shape
+    ids, owner = np.unique(users, return_inverse=True)
+    owner = torch.from_numpy(owner)
+    obs = batch.observed.float()[:, None]  # [B, 1, T, H, W]
+    quarter = (batch.timestamps[..., 1] * 4 // slots_per_day).long()  # [B, T]
+    parts = [((batch.x * obs).sum((2, 3, 4)), obs.expand_as(batch.x).sum((2, 3, 4)))]   # channel means
+    for q in range(4):
+        w = obs * (quarter == q).float()[:, None, :, None, None]
+        parts.append(((batch.x * w).sum((2, 3, 4)), w.expand_as(batch.x).sum((2, 3, 4))))
+    parts.append(((batch.x * obs).sum((1, 2)).flatten(1), obs.expand_as(batch.x).sum((1, 2)).flatten(1)))
+    sums = torch.cat([p[0] for p in parts], 1)
+    counts = torch.cat([p[1] for p in parts], 1)
+    user_sums = torch.zeros(len(ids), sums.shape[1]).index_add_(0, owner, sums)
+    user_counts = torch.zeros(len(ids), sums.shape[1]).index_add_(0, owner, counts)
+    with np.errstate(invalid="ignore"):
+        return ids, (user_sums / user_counts).numpy(), C
+
+
+def probe_r2(features: dict[str, np.ndarray], targets: np.ndarray, train: np.ndarray, main: int) -> dict:
+    """Whether an embedding encodes behaviour: the held-out R^2 of a ridge probe (alpha by CV on the
+    `train` rows, features standardised on them) from each [N, d] feature matrix to the users'
+    statistics [N, K] (`user_statistics`; NaN -> 0), scored on the other rows: over the first `main`
+    columns (the channel means) and over `all` columns, uniform over columns that vary in train."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+    from sklearn.preprocessing import StandardScaler
+
+    targets, test = np.nan_to_num(targets), ~train
+    if train.sum() < 3 or test.sum() < 2:
+        raise ValueError(f"a probe needs at least 3 train and 2 held-out users, got {train.sum()} and {test.sum()}")
+    keep = targets[train].std(0) > 1e-8
+    main_cols = int(keep[:main].sum())
+    out = {}
+    for name, X in features.items():
+        scaler = StandardScaler().fit(X[train])
+        ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(scaler.transform(X[train]), targets[train][:, keep])
+        pred, truth = ridge.predict(scaler.transform(X[test])), targets[test][:, keep]
+        out[name] = {"main": round(float(r2_score(truth[:, :main_cols], pred[:, :main_cols])), 4),
+                     "all": round(float(r2_score(truth, pred)), 4), "alpha": float(ridge.alpha_)}
+    return out
+
+
+def embedding_probe(embed, train: tuple[Batch, np.ndarray], held_out: tuple[Batch, np.ndarray],
+                    slots_per_day: int) -> dict:
+    """`probe_r2` of the raw entity vectors (`sbert`) and of `embed(entity)` (`h_u`, e.g. a trained
+    model's `dit.entity_embedder`) to the statistics of each user's windows, fitted on the users of
+    `train` and scored on those of `held_out` ((batch, user ids) pairs), plus the user counts."""
+    rows, ids, stats, is_train = [], [], [], []
+    for (batch, users), flag in ((train, True), (held_out, False)):
+        uid, values, n_main = user_statistics(batch, users, slots_per_day)
+        first = np.array([np.flatnonzero(users == u)[0] for u in uid])
+        rows.append(batch.entity[torch.from_numpy(first)])
+        ids.append(uid), stats.append(values), is_train.append(np.full(len(uid), flag))
+    entity = torch.cat(rows)
+    with torch.no_grad():
+        h = embed(entity).numpy()
+    is_train = np.concatenate(is_train)
+    out = probe_r2({"h_u": h, "sbert": entity.numpy()}, np.concatenate(stats), is_train, n_main)
+    return out | {"train_users": int(is_train.sum()), "held_out_users": int((~is_train).sum())}

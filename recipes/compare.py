@@ -21,7 +21,9 @@ per-user tensors, ``split`` on a city file), with app-category recommendation (R
 the categories used in the target period) where the data has app channels. Writes
 ``comparison.json`` and ``comparison.md`` (whose first line names the best method per task)
 under ``output_dir``; ``engine_minus_baseline`` holds, per task and simple baseline, the engine's
-``rmse_norm`` minus the baseline's with a paired bootstrap 95% CI over users (entities on a city file).
+``rmse_norm`` minus the baseline's with a paired bootstrap 95% CI over users (entities on a city file);
+``embedding_probe`` (with user embeddings) the held-out R^2 of a ridge probe from the SBERT encodings and from
+the engine's h_u to each ``split`` user's statistics, fitted on the train users (``completion.users.embedding_probe``).
 """
 
 import json
@@ -42,6 +44,7 @@ from completion.model import ModelConfig
 from completion.recommend import app_channels
 from completion.tasks import TaskConfig
 from completion.train import CHECKPOINT, TrainConfig, checkpoint_configs, load_model
+from completion.users import embedding_probe
 from recipes.complete import CompleteArguments, Configs, _evidence, calibration_path, load_split
 from scope.cli import parse_config, run_recipe
 from scope.io import write_json, write_text
@@ -195,11 +198,17 @@ def main(cfg: Configs, compare: CompareArguments) -> dict:
         if ENGINE in errors:
             differences[task_name] = {name: rmse_difference(errors[ENGINE], e, d.user_id)
                                       for name, e in errors.items() if not name.startswith(("engine", "DiT"))}
+    probe = None
+    if args.embeddings and model.dit.entity_conditioning:   # does the engine's h_u encode the users' behaviour?
+        held_out = load_split(cfg, args.split, model_config.cell_dim, path.parent)
+        device = next(model.parameters()).device
+        probe = embedding_probe(lambda e: model.dit.entity_embedder(e.to(device)).cpu(),
+                                (train.batch, train.user_id), (held_out.batch, held_out.user_id), slots_per_day)
     summary = headline(table)
     report = {"headline": summary, "split": args.split, "cold_split": cold_split,
               "calibration": str(calibration) if calibration.exists() else None,
               "entities": {s: len(d.batch) for s, d in data.items()}, "tasks": table, "skipped": skipped,
-              "engine_minus_baseline": differences,
+              "engine_minus_baseline": differences, "embedding_probe": probe,
               "patch_transformer_final_loss": float(np.mean(losses[-20:])) if losses else None,
               "wall_s": round(time.perf_counter() - start, 1),
               "note": "RMSE/MAE on target entries only; *_norm in log1p z-scored units (mean over channels), "

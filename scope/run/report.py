@@ -433,8 +433,26 @@ def section_embeddings(run: Run, out_dir: Path) -> tuple[Section, dict]:
         s.figure(out_dir / "user_clusters.png",
                  "User clusters: the users' frozen profile encodings projected on their two main directions (PCA), coloured by "
                  f"{coloured_by}; well separated colours mean the profiles capture who the user is "
-                 "(silhouette in the title: 1 = perfectly separated, 0 = no structure).")
+                 "(silhouette in the title: 1 = perfectly separated, 0 = no structure). The profile text names the "
+                 "persona, so separation by persona is partly circular; the probe below is not.")
     guarded(run, s, "embed", build)
+
+    def build_probe(s: Section):
+        probe = read_json(run.output("compare")).get("embedding_probe") if run.output("compare").exists() else None
+        if not probe:  # no user embeddings, or an older compare stage: the clusters stand alone
+            return
+        s.table([{"features": name, "R2 channel means": probe[name]["main"], "R2 all statistics": probe[name]["all"]}
+                 for name in ("sbert", "h_u")],
+                f"Does the embedding encode behaviour? Held-out R² of a ridge probe from each user's frozen SBERT "
+                f"encoding, and from the engine's trained h_u, to the user's statistics in the {probe['held_out_users']} "
+                f"evaluated users' windows (per-channel means; and per channel x quarter of the day, per place), fitted "
+                f"on {probe['train_users']} train users. 0 = no better than the train mean. Here the profiles saw those "
+                "windows; the benchmark's probe (below) scores a week the profiles never saw.", first="features")
+        users = benchmark_figures("completion_users")
+        if "probe_r2" in users:
+            s.text("Benchmark (completion_users, 500 users, week-2 statistics, profiles from week 1): R² channel means "
+                   f"SBERT {users['probe_r2']['sbert']['main']:.3f}, h_u {users['probe_r2']['h_u']['main']:.3f}.")
+    guarded(run, s, "compare", build_probe)
     return s, figures
 
 
@@ -474,6 +492,16 @@ def section_completion(run: Run, out_dir: Path) -> tuple[Section, dict]:
                     columns=[c for c in COMPARE_COLUMNS if any(c in r for r in table)], first="method")
         for method, why in report.get("skipped", {}).items():
             s.text(f"{method} was not scored: {why}")
+        conditioning = benchmark_figures("completion_users").get("conditioning")
+        if conditioning and all(isinstance(v, dict) and "rmse" in v for rows in conditioning.values()
+                                for v in rows.values()):
+            s.table([{"conditioning": c, **{t: f"{v['rmse']:.4f} ± {v['std']:.4f}" for t, v in rows.items()}}
+                     for c, rows in conditioning.items()],
+                    "Conditioning controls (benchmark completion_users: 500 users, normalised RMSE, mean ± std over "
+                    f"seeds; {BENCHMARK_README}): the engine with h_u; trained without any user vector (none); every "
+                    "user read as the cohort mean (mean); vectors permuted across users (shuffled); the user's week-1 "
+                    "statistics in place of h_u (oracle_stats). The demo's own mean / shuffled rows are in the tables "
+                    "above.", first="conditioning")
 
     def build_figures(s: Section):
         folder = run.folder("completion")
@@ -586,16 +614,18 @@ def _ci(d: dict) -> str:
     return f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
 
 
+def benchmark_figures(name: str, folder: Path = BENCHMARK_RESULTS) -> dict:
+    """The figures of one benchmark (``benchmarks/results/<name>.json``; {} when it was never run)."""
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def benchmark_notes(folder: Path = BENCHMARK_RESULTS, cold_split: str = "cold") -> dict[str, str]:
     """Per glance capability, the figure of its benchmark (``benchmarks/results/<name>.json``, measured at a size
     the demo cannot afford) to read beside the demo's: the demo's verdict may differ, and says so here. Only
     capabilities whose results file exists get a note."""
-    def figures(name: str) -> dict:
-        path = folder / f"{name}.json"
-        return json.loads(path.read_text()) if path.exists() else {}
-
     notes = {}
-    uscope = figures("uscope_eval")
+    uscope = benchmark_figures("uscope_eval", folder)
     if "dpo_effect" in uscope:
         notes["DPO"] = (f"Benchmark ({uscope['settings']['eval_users']} held-out users; uscope_eval in {BENCHMARK_README}): "
                         f"after DPO minus after SFT {_ci(uscope['dpo_effect']['novelty_mean_hit@3'])} novelty mean hit@3 "
@@ -604,13 +634,13 @@ def benchmark_notes(folder: Path = BENCHMARK_RESULTS, cold_split: str = "cold") 
         hit = {m: uscope["novelty"][m]["mean"]["mean"] for m in ("student after DPO", "kNN (statistics)", "popularity")}
         notes["novelty recommendation"] = ("Benchmark (uscope_eval) mean hit@3: " + ", ".join(f"{m} {v:.3f}"
                                                                                            for m, v in hit.items()) + ".")
-    pituning = figures("pituning")
+    pituning = benchmark_figures("pituning", folder)
     if "methods" in pituning:
         m = pituning["methods"]
         notes["PITuning"] = (f"Benchmark (pituning in {BENCHMARK_README}, 3 seeds): prec_m PITuning "
                              f"{m['pituning']['prec_m']['mean']:.3f}, from-scratch transformer {m['scratch_transformer']['prec_m']['mean']:.3f}, "
                              f"LightGBM pooled {m['lightgbm_pooled']['prec_m']['mean']:.3f}; the demo has fewer users and days.")
-    users = figures("completion_users")
+    users = benchmark_figures("completion_users", folder)
     for task in ("short", "long", "cold"):
         if f"engine_vs_best_baseline_{task}" in users:
             notes[f"completion: {task}"] = (

@@ -91,3 +91,18 @@ def test_same_seed_same_samples_and_samples_differ_from_each_other():
     assert a.shape == (4, *x0.shape) and torch.equal(a, b)
     free = ~evidence.bool()
     assert not torch.allclose(a[0][free], a[1][free])
+
+
+def test_the_v_estimate_follows_x_t_at_low_noise_and_the_output_at_high_noise():
+    from completion.diffusion import x0_estimate
+
+    x_t, v = torch.randn(5, 3), torch.randn(5, 3)
+    t = torch.tensor([0, 10, 50, 98, 99])
+    a = SCHEDULE.abar(t, x_t)
+    v_est = x0_estimate(v, x_t, t, SCHEDULE, "v")
+    assert torch.allclose(v_est, a.sqrt() * x_t - (1 - a).sqrt() * v)
+    assert torch.equal(x0_estimate(v, x_t, t, SCHEDULE, "x0"), v)
+    # a noisy sample that is exactly sqrt(a) x0 + sqrt(1 - a) eps has v = sqrt(a) eps - sqrt(1 - a) x0
+    x0, eps = torch.randn(5, 3), torch.randn(5, 3)
+    noisy = SCHEDULE.q_sample(x0, t, eps)
+    assert torch.allclose(x0_estimate(a.sqrt() * eps - (1 - a).sqrt() * x0, noisy, t, SCHEDULE, "v"), x0, atol=1e-5)

@@ -70,7 +70,7 @@ def test_a_tiny_model_overfits_one_batch(make_batch):
     before = fixed_noise_loss()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
-    for _ in range(100):
+    for _ in range(200):
         loss, _ = model.loss(batch, task, regions, generator=g)
         optimizer.zero_grad()
         loss.backward()
@@ -122,3 +122,42 @@ def test_a_model_reads_data_of_another_step_length(make_batch):
     task = torch.tensor([0, 1])
     regions = make_regions(task, batch.observed, 2, TaskConfig(2, 4, 3))
     assert torch.isfinite(model.complete(batch, task, regions, n_samples=2, steps=2).point).all()
+
+
+@pytest.mark.parametrize("parameterization", ["x0", "v"])
+def test_samples_spread_only_when_the_estimate_reads_x_t(make_batch, parameterization):
+    """The DiT's final layer starts at zero, so an untrained x0 model ignores x_t and every sample ends on
+    the same point (the spread then came from calibration alone); the v-parameterisation's estimate
+    follows x_t at low noise, so samples keep the reverse process's randomness."""
+    from dataclasses import replace
+
+    batch, task, regions = setup(make_batch)
+    _, C, T, H, W = batch.x.shape
+    config = ModelConfig(channels=C, T=T, cell_dim=batch.cells.shape[-1], entity_dim=batch.entity.shape[-1],
+                         patch_size=(2, 2, 3), diffusion_steps=100, umask=dict(d=16))
+    torch.manual_seed(0)
+    model = build_model(replace(config, parameterization=parameterization)).eval()
+    out = model.complete(batch, task, regions, n_samples=4, steps=10, eta=1.0, generator=torch.Generator().manual_seed(1))
+    free = regions.target.expand_as(out.samples)
+    sd = out.samples.std(0)[regions.target]
+    if parameterization == "x0":
+        assert sd.max() < 1e-5
+    else:
+        assert sd.mean() > 0.05 and torch.isfinite(out.samples[free]).all()
+
+
+def test_a_checkpoint_without_the_field_reads_as_x0(tmp_path, make_batch):
+    import json
+    from dataclasses import asdict
+
+    from completion.train import checkpoint_configs
+    from scope import io
+
+    batch, _, _ = setup(make_batch)
+    model = tiny(batch)
+    config = asdict(ModelConfig(channels=2, T=8))
+    del config["parameterization"]
+    path = tmp_path / "old.safetensors"
+    io.save_checkpoint(path, {"model": model}, metadata={"model_config": json.dumps(config)})
+    assert checkpoint_configs(path)[0].parameterization == "x0"
+    assert ModelConfig().parameterization == "x0"

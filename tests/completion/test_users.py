@@ -84,3 +84,51 @@ def test_recommendation_scores_a_hand_made_ranking():
     assert out["mrr@3"] == pytest.approx((1 / 2 + 1) / 2)
     assert out["ndcg@3"] == pytest.approx((1 / np.log2(3) + 1) / 2)
     assert out["users_scored"] == 2
+
+
+def _users_with_levels(n_users, windows=2, seed=0):
+    """Windows whose channel levels are a linear function of each user's 5-d entity vector."""
+    from dataclasses import replace
+
+    from tests.completion.conftest import random_batch
+
+    g = torch.Generator().manual_seed(seed)
+    entity = torch.randn(n_users, 5, generator=g)
+    level = entity @ torch.randn(5, 2, generator=torch.Generator().manual_seed(99))  # [users, C], one map for all
+    users = np.repeat(np.arange(n_users), windows)
+    batch = random_batch(B=len(users), C=2, T=8, H=2, W=2, entity_dim=5, seed=seed)
+    x = 0.1 * batch.x + level[users][:, :, None, None, None]
+    return replace(batch, x=x, entity=entity[users]), users
+
+
+def test_user_statistics_are_per_user_means_of_observed_entries():
+    from completion.users import user_statistics
+
+    batch, users = _users_with_levels(4)
+    batch.observed[0, :4] = False
+    ids, stats, main = user_statistics(batch, users, slots_per_day=96)
+    assert main == 2 and ids.tolist() == [0, 1, 2, 3] and stats.shape == (4, 2 + 4 * 2 + 4)
+    obs = batch.observed[:2].float()[:, None]
+    expected = (batch.x[:2] * obs).sum((0, 2, 3, 4)) / obs.expand_as(batch.x[:2]).sum((0, 2, 3, 4))
+    assert np.allclose(stats[0, :2], expected.numpy(), atol=1e-5)
+    assert np.isnan(stats[:, 2 + 2 * 2:2 + 4 * 2]).all()  # the windows never reach the third quarter of the day
+
+
+def test_the_probe_reads_behaviour_from_an_embedding_that_encodes_it_and_not_from_noise():
+    from completion.users import embedding_probe
+
+    train, held_out = _users_with_levels(60, seed=1), _users_with_levels(20, seed=2)
+    held_out = (held_out[0], held_out[1] + 1000)  # other users, the same map from entity to levels
+    informative = embedding_probe(lambda e: e, train, held_out, 96)
+    assert informative["sbert"]["main"] > 0.9 and informative["h_u"]["main"] > 0.9
+    assert informative["train_users"] == 60 and informative["held_out_users"] == 20
+    noise = torch.Generator().manual_seed(5)
+    scrambled = embedding_probe(lambda e: torch.randn(e.shape[0], 8, generator=noise), train, held_out, 96)
+    assert scrambled["h_u"]["main"] < 0.2
+
+
+def test_the_probe_refuses_too_few_users():
+    from completion.users import probe_r2
+
+    with pytest.raises(ValueError, match="at least 3 train and 2 held-out users"):
+        probe_r2({"x": np.zeros((3, 2))}, np.zeros((3, 1)), np.array([True, True, False]), 1)
